@@ -1,0 +1,94 @@
+"""The `sftkit` command: parses arguments and dispatches; the work lives in the modules.
+
+    sftkit data preview --tokenizer DIR --data FILE [--format F] [--template NAME]
+                        [--strategy assistant|last|all] [--max-length N] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _columns(text: str) -> dict[str, str]:
+    """`instruction=instruction,input=context,output=response` -> mapping."""
+    pairs = [part.split("=", 1) for part in text.split(",") if part]
+    if any(len(p) != 2 for p in pairs):
+        raise argparse.ArgumentTypeError(f"--columns expects key=value pairs separated by commas, got {text!r}")
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def _add_data_preview(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("preview", help="show trained vs masked tokens, or print them as JSON")
+    p.add_argument("--tokenizer", required=True, help="local tokenizer (or model) directory")
+    p.add_argument("--data", required=True, nargs="+", help="JSON / JSONL / Parquet file(s)")
+    p.add_argument("--format", default="auto", help="auto, messages, alpaca, prompt_completion, sharegpt, text, ...")
+    p.add_argument("--columns", type=_columns, help="column mapping, e.g. instruction=instruction,output=response")
+    p.add_argument("--template", help="built-in chat template (chatml, llama3, mistral) or a .jinja file")
+    p.add_argument("--strategy", default="assistant", choices=["assistant", "last", "all"])
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--json", action="store_true", help="one {input_ids, labels} object per example, input order")
+    p.add_argument("--limit", type=int, default=3, help="examples to print in human mode (default 3)")
+    p.add_argument("--skip-invalid", action="store_true", help="skip invalid records and count them")
+    p.add_argument("--num-proc", type=int, default=1, help="processes for rendering")
+    p.add_argument("--no-colour", action="store_true", help="mark trained text with [[ ]] instead of colour")
+    p.set_defaults(func=_run_data_preview)
+
+
+def _run_data_preview(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from sftkit.data.pipeline import build_examples
+    from sftkit.data.preview import print_example, write_json
+    from sftkit.data.templates import prepare_tokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
+    added = prepare_tokenizer(tokenizer, args.template)
+    report = build_examples(
+        args.data,
+        tokenizer,
+        format=args.format,
+        columns=args.columns,
+        strategy=args.strategy,
+        max_length=args.max_length,
+        skip_invalid=args.skip_invalid,
+        num_proc=args.num_proc,
+    )
+    assert report.render is not None
+    if args.json:
+        for example in report.render.examples:
+            write_json(example, sys.stdout)
+    else:
+        colour = sys.stdout.isatty() and not args.no_colour
+        for example in report.render.examples[: args.limit]:
+            print_example(example, tokenizer, sys.stdout, colour)
+        if added:
+            print(f"template added {len(added)} special tokens: {' '.join(added)}")
+    print(report.summary(), file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sftkit", description="Supervised fine-tuning of language models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    data = commands.add_parser("data", help="look at and prepare datasets").add_subparsers(dest="data_command", required=True)
+    _add_data_preview(data)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; user errors print one clear message and exit 2, never a bare traceback."""
+    from sftkit.errors import USER_ERRORS
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as err:
+        print(f"sftkit: error: {err}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `sftkit data preview --json | head`
+        return 0

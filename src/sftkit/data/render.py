@@ -1,0 +1,335 @@
+"""Conversation + tokenizer -> (input_ids, labels): the one place loss masks are made.
+
+    sftkit data preview --tokenizer DIR --data FILE --strategy assistant --json
+
+How masks are made (any Jinja template, no `{% generation %}` markers needed):
+
+    full  = template(messages)                                  rendered once
+    p_i   = template(messages[:i], add_generation_prompt=True)   what inference feeds before reply i
+    reply i = full[len(p_i) : end of the first end-of-turn token after it]
+
+`p_i` must be a prefix of `full` (the prefix property). Then the tokens before each trained reply
+are exactly what `apply_chat_template(messages[:i], add_generation_prompt=True)` gives at inference,
+and the reply is trained through its end-of-turn token (`<|im_end|>`, `<|eot_id|>`, `</s>`,
+`<|end|>`, ...) so the model learns to stop. The text is tokenized once, and labels come from the
+tokenizer's character offsets, so they can never drift from the ids.
+
+Where a template breaks the prefix property the renderer is deterministic and counts it in
+`Renderer.warnings`, never guessing:
+  prompt_rewritten   the template rewrites history before reply i (Mistral v0.3 moves the system
+                     prompt into the last user turn): that reply is not trained.
+  reply_rewritten    reply i renders differently once later turns follow (Qwen3 drops the empty
+                     think block from history): trained as it appears in the full conversation.
+  boundary_merge     one token straddles the prompt/reply boundary: it is left untrained.
+  no_end_of_turn     the template closes turns with plain text only: the model cannot learn to stop.
+"""
+
+from __future__ import annotations
+
+import bisect
+import multiprocessing as mp
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+from jinja2 import TemplateError as JinjaTemplateError
+from tqdm import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from sftkit.data.messages import Conversation, DataError, RawText, Record
+from sftkit.data.templates import find_end_of_turn
+
+IGNORE_INDEX = -100
+_CHUNK = 256
+
+
+class Strategy(str, Enum):
+    """Which tokens carry loss."""
+
+    ASSISTANT = "assistant"  # every assistant turn (default)
+    LAST = "last"  # the last assistant turn only
+    ALL = "all"  # every token (pre-training style)
+
+
+@dataclass(slots=True)
+class Tokenized:
+    """One training example. `labels[j]` is `input_ids[j]` where loss is taken, else -100."""
+
+    input_ids: list[int]
+    labels: list[int]
+    source: str
+
+    @property
+    def num_trained(self) -> int:
+        return sum(1 for label in self.labels if label != IGNORE_INDEX)
+
+
+class DroppedExample(DataError):
+    """A valid record that cannot be trained within `max_length`: counted, not an error."""
+
+
+@dataclass(slots=True)
+class _Plan:
+    """A rendered record before tokenization: its text and the character spans that carry loss."""
+
+    text: str
+    spans: list[tuple[int, int]]
+    source: str
+    add_special_tokens: bool = False
+    append_eos: bool = False
+
+
+class Renderer:
+    """Renders records with one tokenizer, one masking strategy and one `max_length`."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        strategy: Strategy | str = Strategy.ASSISTANT,
+        max_length: int | None = None,
+        template_kwargs: dict | None = None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.strategy = Strategy(strategy)
+        self.max_length = max_length
+        self.template_kwargs = dict(template_kwargs or {})
+        self.end_of_turn = find_end_of_turn(tokenizer, self.template_kwargs) if tokenizer.chat_template else None
+        self.warnings: Counter[str] = Counter()
+
+    # -- public ---------------------------------------------------------------------------------
+    def render(self, record: Record) -> Tokenized:
+        """Render one record; raises DataError (or DroppedExample) with the record's source."""
+        result = self.render_many([record])[0]
+        if isinstance(result, DataError):
+            raise result
+        return result
+
+    def render_many(self, records: Sequence[Record]) -> list[Tokenized | DataError]:
+        """Render a batch (one tokenizer call); each slot holds the example or its DataError."""
+        plans: list[_Plan | DataError] = []
+        for record in records:
+            try:
+                plans.append(self._plan(record))
+            except DataError as err:
+                plans.append(err)
+        ready = [p for p in plans if isinstance(p, _Plan)]
+        encoded = iter(self._tokenize(ready))
+        return [p if isinstance(p, DataError) else self._finish(p, next(encoded)) for p in plans]
+
+    # -- text and spans -------------------------------------------------------------------------
+    def _apply(self, messages: list[dict], record: Conversation, generation_prompt: bool = False) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages,
+                tools=record.tools,
+                tokenize=False,
+                add_generation_prompt=generation_prompt,
+                **self.template_kwargs,
+            )
+        except JinjaTemplateError as err:
+            raise DataError(
+                record.source,
+                f"chat template rejected the conversation: {err}",
+                hint="this template constrains roles (e.g. strict user/assistant alternation, no system turn); "
+                "fix the record or choose another template",
+            ) from None
+
+    def _plan(self, record: Record) -> _Plan:
+        if isinstance(record, RawText):
+            return _Plan(record.text, [(0, len(record.text))], record.source, add_special_tokens=True, append_eos=True)
+        if not isinstance(record, Conversation):
+            raise DataError("<unknown>", f"cannot render a {type(record).__name__}; expected Conversation or RawText")
+        messages = record.as_template_dicts()
+        full = self._apply(messages, record)
+        if self.strategy is Strategy.ALL:
+            return _Plan(full, [(0, len(full))], record.source)
+        replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        if self.strategy is Strategy.LAST:
+            replies = replies[-1:]
+        spans = [span for i in replies if (span := self._reply_span(messages, i, full, record))]
+        if not spans:
+            raise DataError(
+                record.source,
+                "no trained token: no assistant reply can be trained with this template",
+                hint=f"see the warnings ({dict(self.warnings)}); check the roles or pick another template",
+            )
+        return _Plan(full, spans, record.source)
+
+    def _reply_span(self, messages: list[dict], i: int, full: str, record: Conversation) -> tuple[int, int] | None:
+        prompt = self._apply(messages[:i], record, generation_prompt=True) if i else ""
+        if not full.startswith(prompt):
+            self.warnings["prompt_rewritten"] += 1
+            return None
+        start = len(prompt)
+        # The reply as inference would produce it: the conversation rendered up to this reply.
+        alone = full if i == len(messages) - 1 else self._apply(messages[: i + 1], record)
+        if self.end_of_turn is None:
+            self.warnings["no_end_of_turn"] += 1
+            end = len(alone) if full.startswith(alone) else len(full)
+            return (start, end) if end > start else None
+        end = self._end_of_reply(full, start)
+        if end is None:
+            self.warnings["no_end_of_turn"] += 1
+            return None
+        if alone is not full and alone[start : self._end_of_reply(alone, start) or len(alone)] != full[start:end]:
+            self.warnings["reply_rewritten"] += 1
+        return start, end
+
+    def _end_of_reply(self, text: str, start: int) -> int | None:
+        assert self.end_of_turn is not None
+        at = text.find(self.end_of_turn, start)
+        return at + len(self.end_of_turn) if at >= 0 else None
+
+    # -- tokens ---------------------------------------------------------------------------------
+    def _tokenize(self, plans: list[_Plan]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        out: list[tuple[list[int], list[tuple[int, int]]]] = []
+        for special in (False, True):
+            group = [p.text for p in plans if p.add_special_tokens is special]
+            if group:
+                enc = self.tokenizer(group, add_special_tokens=special, return_offsets_mapping=True)
+                out.extend(zip(enc["input_ids"], enc["offset_mapping"]))
+        # restore plan order: conversations (no special tokens) came first, raw texts second
+        order = [i for i, p in enumerate(plans) if not p.add_special_tokens] + [
+            i for i, p in enumerate(plans) if p.add_special_tokens
+        ]
+        restored: list = [None] * len(plans)
+        for slot, item in zip(order, out):
+            restored[slot] = item
+        return restored
+
+    def _finish(self, plan: _Plan, encoded: tuple[list[int], list[tuple[int, int]]]) -> Tokenized | DataError:
+        ids, offsets = list(encoded[0]), list(encoded[1])
+        labels = self._labels(ids, offsets, plan.spans)
+        if plan.append_eos and self.tokenizer.eos_token_id is not None:
+            ids.append(self.tokenizer.eos_token_id)
+            labels.append(self.tokenizer.eos_token_id)
+        example = Tokenized(ids, labels, plan.source)
+        if self.max_length is not None and len(ids) > self.max_length:
+            example = Tokenized(ids[: self.max_length], labels[: self.max_length], plan.source)
+            self.warnings["truncated"] += 1
+        if example.num_trained == 0:
+            if len(example.input_ids) < len(ids):
+                return DroppedExample(plan.source, "truncated: no trained token left within max_length",
+                                      hint=f"raise max_length (now {self.max_length})")
+            return DataError(plan.source, "no trained token: the replies are empty after tokenization")
+        return example
+
+    def _labels(self, ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+        """Label each token whose first character lies inside a trained span; a token that
+        straddles a span's start stays untrained (`boundary_merge`)."""
+        starts = [a for a, _ in offsets]
+        labels = [IGNORE_INDEX] * len(ids)
+        for begin, end in spans:
+            first = bisect.bisect_left(starts, begin)
+            last = bisect.bisect_left(starts, end)
+            if first > 0 and offsets[first - 1][1] > begin and offsets[first - 1][0] < begin:
+                self.warnings["boundary_merge"] += 1
+            labels[first:last] = ids[first:last]
+        return labels
+
+
+# -- whole datasets -----------------------------------------------------------------------------
+@dataclass
+class RenderReport:
+    """Examples in input order, plus what was dropped (counted) and what was noticed."""
+
+    examples: list[Tokenized]
+    dropped: Counter[str] = field(default_factory=Counter)
+    warnings: Counter[str] = field(default_factory=Counter)
+    errors: list[DataError] = field(default_factory=list)
+    skipped: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def trained_tokens(self) -> int:
+        return sum(e.num_trained for e in self.examples)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(len(e.input_ids) for e in self.examples)
+
+    def summary(self) -> str:
+        lines = [f"{len(self.examples)} examples, {self.total_tokens} tokens, {self.trained_tokens} trained"]
+        if self.dropped:
+            lines.append("dropped: " + ", ".join(f"{n} ({kind})" for kind, n in self.dropped.items()))
+        if self.skipped:
+            lines.append("skipped invalid: " + ", ".join(f"{n} ({kind})" for kind, n in self.skipped.items()))
+        if self.warnings:
+            lines.append("notes: " + ", ".join(f"{kind}={n}" for kind, n in sorted(self.warnings.items())))
+        return "\n".join(lines)
+
+
+class RenderError(ValueError):
+    """Invalid records stopped rendering; lists the first few with their sources."""
+
+
+_worker: Renderer | None = None
+
+
+def _init_worker(renderer: Renderer) -> None:
+    global _worker
+    _worker = renderer
+    _worker.warnings = Counter()
+
+
+def _render_chunk(chunk: Sequence[Record]) -> tuple[list[Tokenized | DataError], Counter[str]]:
+    assert _worker is not None
+    before = Counter(_worker.warnings)
+    results = _worker.render_many(chunk)
+    return results, _worker.warnings - before
+
+
+def _chunks(records: Sequence[Record]) -> Iterator[Sequence[Record]]:
+    for i in range(0, len(records), _CHUNK):
+        yield records[i : i + _CHUNK]
+
+
+def render_records(
+    records: Sequence[Record],
+    renderer: Renderer,
+    *,
+    on_error: str = "raise",
+    num_proc: int = 1,
+    progress: bool = False,
+    max_errors: int = 5,
+) -> RenderReport:
+    """Render every record in order. Invalid records raise a RenderError listing the first
+    `max_errors` (on_error="raise") or are skipped and counted (on_error="skip"); examples whose
+    trained tokens all fall beyond `max_length` are always dropped and counted."""
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+    report = RenderReport(examples=[])
+    bar = tqdm(total=len(records), desc="render", unit="ex", disable=not progress)
+    if num_proc > 1 and len(records) > _CHUNK:
+        with mp.get_context("fork").Pool(num_proc, initializer=_init_worker, initargs=(renderer,)) as pool:
+            for results, warnings in pool.imap(_render_chunk, _chunks(records)):
+                _collect(report, results, warnings, max_errors)
+                bar.update(len(results))
+    else:
+        for chunk in _chunks(records):
+            before = Counter(renderer.warnings)
+            results = renderer.render_many(chunk)
+            _collect(report, results, renderer.warnings - before, max_errors)
+            bar.update(len(results))
+    bar.close()
+    invalid = sum(report.skipped.values())
+    if invalid and on_error == "raise":
+        listed = "\n".join(f"  - {err}" for err in report.errors)
+        raise RenderError(
+            f"{invalid} invalid record(s); the first {len(report.errors)}:\n{listed}\n"
+            "fix the records, or skip invalid ones with --skip-invalid (data.skip_invalid=true); they are counted"
+        )
+    return report
+
+
+def _collect(report: RenderReport, results: list, warnings: Counter[str], max_errors: int) -> None:
+    report.warnings.update(warnings)
+    for item in results:
+        if isinstance(item, DroppedExample):
+            report.dropped[item.kind] += 1
+        elif isinstance(item, DataError):
+            report.skipped[item.kind] += 1
+            if len(report.errors) < max_errors:
+                report.errors.append(item)
+        else:
+            report.examples.append(item)

@@ -1,0 +1,166 @@
+"""Chat templates: the tokenizer's own, or a built-in one for base models that have none.
+
+The tokenizer's Jinja template is the source of truth: the model must see at training exactly the
+format it sees at inference, so sftkit never hand-formats prompts per model family. Built-ins exist
+only for base models without a template (GPT-2, a freshly pre-trained model):
+
+    sftkit data preview --tokenizer ../shared/data/tokenizers/gpt2 --template chatml --data FILE
+
+Installing a built-in adds its control tokens to the vocabulary as special tokens; the model side
+then resizes its embeddings (`sftkit.model`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from tokenizers import AddedToken
+from transformers import PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class BuiltinTemplate:
+    """A Jinja chat template and the control tokens it needs in the vocabulary."""
+
+    name: str
+    jinja: str
+    special_tokens: tuple[str, ...]
+    needs_eos: bool = False  # the template writes `eos_token`; add "</s>" if the tokenizer has none
+
+
+CHATML = BuiltinTemplate(
+    name="chatml",
+    jinja=(
+        "{% for message in messages %}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    ),
+    special_tokens=("<|im_start|>", "<|im_end|>"),
+)
+
+LLAMA3 = BuiltinTemplate(
+    name="llama3",
+    jinja=(
+        "{{ '<|begin_of_text|>' }}"
+        "{% for message in messages %}"
+        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
+        "{{ message['content'] | trim }}{{ '<|eot_id|>' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+    ),
+    special_tokens=("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+)
+
+# Mistral-instruct v0.1 layout: a system prompt is folded into the first user turn, roles must alternate.
+MISTRAL = BuiltinTemplate(
+    name="mistral",
+    jinja=(
+        "{% if messages[0]['role'] == 'system' %}"
+        "{% set system = messages[0]['content'] + '\\n\\n' %}{% set loop_messages = messages[1:] %}"
+        "{% else %}{% set system = '' %}{% set loop_messages = messages %}{% endif %}"
+        "{{ bos_token }}"
+        "{% for message in loop_messages %}"
+        "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+        "{% endif %}"
+        "{% if message['role'] == 'user' %}"
+        "{{ '[INST] ' + (system if loop.first else '') + message['content'] + ' [/INST]' }}"
+        "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}"
+        "{% endfor %}"
+    ),
+    special_tokens=("[INST]", "[/INST]"),
+    needs_eos=True,
+)
+
+BUILTIN_TEMPLATES: dict[str, BuiltinTemplate] = {t.name: t for t in (CHATML, LLAMA3, MISTRAL)}
+
+
+class TemplateError(ValueError):
+    """The tokenizer has no usable chat template, or the one asked for does not exist."""
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, template: str | None = None) -> list[str]:
+    """Make sure `tokenizer` carries a chat template; return the control tokens newly added to it.
+
+    `template`: None keeps the tokenizer's own template (an error if it has none); a built-in name
+    (`chatml`, `llama3`, `mistral`) installs that one; a path to a `.jinja` file installs its text.
+    The caller must resize the model's embeddings when the returned list is not empty.
+    """
+    if template is None:
+        if not tokenizer.chat_template:
+            raise TemplateError(
+                f"tokenizer {tokenizer.name_or_path!r} has no chat template — pick a built-in with "
+                f"`--template NAME` / `data.template: NAME` (one of {', '.join(BUILTIN_TEMPLATES)}) "
+                "or give a path to a .jinja file"
+            )
+        return []
+    if template in BUILTIN_TEMPLATES:
+        return _install_builtin(tokenizer, BUILTIN_TEMPLATES[template])
+    path = Path(template)
+    if path.suffix == ".jinja" and path.is_file():
+        tokenizer.chat_template = path.read_text(encoding="utf-8")
+        return []
+    raise TemplateError(
+        f"unknown chat template {template!r}: use one of {', '.join(BUILTIN_TEMPLATES)} or a path to a .jinja file"
+    )
+
+
+def _install_builtin(tokenizer: PreTrainedTokenizerBase, builtin: BuiltinTemplate) -> list[str]:
+    wanted = list(builtin.special_tokens)
+    if builtin.needs_eos and tokenizer.eos_token is None:
+        wanted.append("</s>")
+    vocab = tokenizer.get_vocab()
+    new = [t for t in wanted if t not in vocab]
+    if new:
+        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in new], special_tokens=True)
+    if builtin.needs_eos and tokenizer.eos_token is None:
+        tokenizer.eos_token = "</s>"
+    if tokenizer.bos_token is None and "{{ bos_token }}" in builtin.jinja:
+        tokenizer.bos_token = tokenizer.eos_token
+    tokenizer.chat_template = builtin.jinja
+    return new
+
+
+def control_token_pattern(tokenizer: PreTrainedTokenizerBase) -> re.Pattern[str]:
+    """A regex matching any added/special token string of `tokenizer`, longest first."""
+    return _control_pattern(tuple(sorted(tokenizer.get_added_vocab(), key=len, reverse=True)))
+
+
+@lru_cache(maxsize=64)
+def _control_pattern(tokens: tuple[str, ...]) -> re.Pattern[str]:
+    return re.compile("|".join(re.escape(t) for t in tokens if t) or "(?!)")
+
+
+def find_end_of_turn(tokenizer: PreTrainedTokenizerBase, template_kwargs: dict | None = None) -> str | None:
+    """The control token the template closes an assistant turn with (`<|im_end|>`, `</s>`, ...).
+
+    Found by rendering a probe conversation and taking the first control token after the reply's
+    text; None when the template closes turns with plain text only (then the model cannot learn to
+    stop, and the renderer says so).
+    """
+    kwargs = template_kwargs or {}
+    probe_reply = "sftkit probe reply"
+    convo = [{"role": "user", "content": "sftkit probe question"}, {"role": "assistant", "content": probe_reply}]
+    prompt = tokenizer.apply_chat_template(convo[:1], tokenize=False, add_generation_prompt=True, **kwargs)
+    full = tokenizer.apply_chat_template(convo, tokenize=False, **kwargs)
+    at = full.find(probe_reply, len(prompt) if full.startswith(prompt) else 0)
+    if at < 0:
+        return None
+    match = control_token_pattern(tokenizer).search(full, at + len(probe_reply))
+    return match.group(0) if match else None
+
+
+def end_of_turn_token_ids(tokenizer: PreTrainedTokenizerBase, template_kwargs: dict | None = None) -> list[int]:
+    """Token ids that end an assistant turn: the template's end-of-turn token and the tokenizer's EOS."""
+    ids: list[int] = []
+    eot = find_end_of_turn(tokenizer, template_kwargs) if tokenizer.chat_template else None
+    for token in (eot, tokenizer.eos_token):
+        if token is not None:
+            token_id = tokenizer.convert_tokens_to_ids(token)
+            if token_id is not None and token_id not in ids:
+                ids.append(token_id)
+    return ids
