@@ -37,6 +37,7 @@ from jinja2 import TemplateError as JinjaTemplateError
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from sftkit.data.control import contains_control, control_pattern, encode_marked, find_unmarked, mark
 from sftkit.data.messages import Conversation, DataError, RawText, Record
 from sftkit.data.templates import find_end_of_turn
 
@@ -78,6 +79,16 @@ class _Plan:
     source: str
     add_special_tokens: bool = False
     append_eos: bool = False
+    marked: bool = False  # user strings spell control tokens: encode them as text (sftkit.data.control)
+
+
+@dataclass(slots=True)
+class _Chat:
+    """What the template sees of one conversation, and where it came from."""
+
+    messages: list[dict]
+    tools: list[dict] | None
+    source: str
 
 
 class Renderer:
@@ -89,8 +100,10 @@ class Renderer:
         strategy: Strategy | str = Strategy.ASSISTANT,
         max_length: int | None = None,
         template_kwargs: dict | None = None,
+        sanitize_control_tokens: bool = True,
     ) -> None:
         self.tokenizer = tokenizer
+        self.control = control_pattern(tokenizer) if sanitize_control_tokens else None
         self.strategy = Strategy(strategy)
         self.max_length = max_length
         self.template_kwargs = dict(template_kwargs or {})
@@ -118,18 +131,19 @@ class Renderer:
         return [p if isinstance(p, DataError) else self._finish(p, next(encoded)) for p in plans]
 
     # -- text and spans -------------------------------------------------------------------------
-    def _apply(self, messages: list[dict], record: Conversation, generation_prompt: bool = False) -> str:
+    def _apply(self, chat: _Chat, upto: int | None = None, generation_prompt: bool = False) -> str:
+        """The template applied to `chat.messages[:upto]` (all by default)."""
         try:
             return self.tokenizer.apply_chat_template(
-                messages,
-                tools=record.tools,
+                chat.messages[:upto],
+                tools=chat.tools,
                 tokenize=False,
                 add_generation_prompt=generation_prompt,
                 **self.template_kwargs,
             )
         except JinjaTemplateError as err:
             raise DataError(
-                record.source,
+                chat.source,
                 f"chat template rejected the conversation: {err}",
                 hint="this template constrains roles (e.g. strict user/assistant alternation, no system turn); "
                 "fix the record or choose another template",
@@ -137,33 +151,39 @@ class Renderer:
 
     def _plan(self, record: Record) -> _Plan:
         if isinstance(record, RawText):
-            return _Plan(record.text, [(0, len(record.text))], record.source, add_special_tokens=True, append_eos=True)
+            marked = self.control is not None and contains_control(record.text, self.control)
+            text = mark(record.text, self.control) if marked else record.text
+            return _Plan(text, [(0, len(text))], record.source, add_special_tokens=True, append_eos=True, marked=marked)
         if not isinstance(record, Conversation):
             raise DataError("<unknown>", f"cannot render a {type(record).__name__}; expected Conversation or RawText")
-        messages = record.as_template_dicts()
-        full = self._apply(messages, record)
+        chat = _Chat(record.as_template_dicts(), record.tools, record.source)
+        marked = self.control is not None and contains_control([chat.messages, chat.tools], self.control)
+        if marked:
+            chat = _Chat(mark(chat.messages, self.control), mark(chat.tools, self.control), chat.source)
+        full = self._apply(chat)
         if self.strategy is Strategy.ALL:
-            return _Plan(full, [(0, len(full))], record.source)
-        replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+            return _Plan(full, [(0, len(full))], record.source, marked=marked)
+        replies = [i for i, m in enumerate(chat.messages) if m["role"] == "assistant"]
         if self.strategy is Strategy.LAST:
             replies = replies[-1:]
-        spans = [span for i in replies if (span := self._reply_span(messages, i, full, record))]
+        spans = [span for i in replies if (span := self._reply_span(chat, i, full))]
         if not spans:
             raise DataError(
                 record.source,
                 "no trained token: no assistant reply can be trained with this template",
                 hint=f"see the warnings ({dict(self.warnings)}); check the roles or pick another template",
             )
-        return _Plan(full, spans, record.source)
+        return _Plan(full, spans, record.source, marked=marked)
 
-    def _reply_span(self, messages: list[dict], i: int, full: str, record: Conversation) -> tuple[int, int] | None:
-        prompt = self._apply(messages[:i], record, generation_prompt=True) if i else ""
+    def _reply_span(self, chat: _Chat, i: int, full: str) -> tuple[int, int] | None:
+        """Character span of reply `i` in `full`, or None when it cannot be trained faithfully."""
+        prompt = self._apply(chat, upto=i, generation_prompt=True) if i else ""
         if not full.startswith(prompt):
             self.warnings["prompt_rewritten"] += 1
             return None
         start = len(prompt)
         # The reply as inference would produce it: the conversation rendered up to this reply.
-        alone = full if i == len(messages) - 1 else self._apply(messages[: i + 1], record)
+        alone = full if i == len(chat.messages) - 1 else self._apply(chat, upto=i + 1)
         if self.end_of_turn is None:
             self.warnings["no_end_of_turn"] += 1
             end = len(alone) if full.startswith(alone) else len(full)
@@ -178,25 +198,29 @@ class Renderer:
 
     def _end_of_reply(self, text: str, start: int) -> int | None:
         assert self.end_of_turn is not None
-        at = text.find(self.end_of_turn, start)
+        at = find_unmarked(text, self.end_of_turn, start)
         return at + len(self.end_of_turn) if at >= 0 else None
 
     # -- tokens ---------------------------------------------------------------------------------
     def _tokenize(self, plans: list[_Plan]) -> list[tuple[list[int], list[tuple[int, int]]]]:
-        out: list[tuple[list[int], list[tuple[int, int]]]] = []
+        """Ids and character offsets for each plan; plain texts go to the tokenizer in batches."""
+        out: list = [None] * len(plans)
         for special in (False, True):
-            group = [p.text for p in plans if p.add_special_tokens is special]
-            if group:
-                enc = self.tokenizer(group, add_special_tokens=special, return_offsets_mapping=True)
-                out.extend(zip(enc["input_ids"], enc["offset_mapping"]))
-        # restore plan order: conversations (no special tokens) came first, raw texts second
-        order = [i for i, p in enumerate(plans) if not p.add_special_tokens] + [
-            i for i, p in enumerate(plans) if p.add_special_tokens
-        ]
-        restored: list = [None] * len(plans)
-        for slot, item in zip(order, out):
-            restored[slot] = item
-        return restored
+            slots = [i for i, p in enumerate(plans) if p.add_special_tokens is special and not p.marked]
+            if slots:
+                enc = self.tokenizer(
+                    [plans[i].text for i in slots], add_special_tokens=special, return_offsets_mapping=True
+                )
+                for i, ids, offsets in zip(slots, enc["input_ids"], enc["offset_mapping"]):
+                    out[i] = (ids, offsets)
+        for i, plan in enumerate(plans):
+            if plan.marked:
+                ids, offsets = encode_marked(self.tokenizer, plan.text)
+                if plan.add_special_tokens:  # e.g. Llama's BOS in front of raw text
+                    prefix = self.tokenizer("", add_special_tokens=True)["input_ids"]
+                    ids, offsets = prefix + ids, [(0, 0)] * len(prefix) + offsets
+                out[i] = (ids, offsets)
+        return out
 
     def _finish(self, plan: _Plan, encoded: tuple[list[int], list[tuple[int, int]]]) -> Tokenized | DataError:
         ids, offsets = list(encoded[0]), list(encoded[1])
