@@ -1,0 +1,211 @@
+"""Read dataset files into rows, each tagged with where it came from.
+
+    from sftkit.data.sources import read_rows
+    for source, row in read_rows("data/train.jsonl"):
+        ...   # source == "data/train.jsonl:12"; row is a dict, or a DataError for an unreadable row
+
+Used by `sftkit.data.formats.load_records` (and so by `sftkit train` / `sftkit data preview`).
+
+Supported files, by suffix:
+
+* ``.jsonl``  one JSON object per line; empty lines are skipped; source ``path:LINE`` (1-based).
+* ``.json``   a top-level list of objects, or ONE object (one row); source ``path:#INDEX`` (0-based).
+* ``.parquet`` / ``.arrow`` (pyarrow; Arrow IPC file or stream)  source ``path:#INDEX``.
+* ``.txt`` / ``.md``  plain text for pre-training, yielded as ``{"text": ...}`` rows.
+  A ``.txt`` file holds one document, or several separated by lines that contain only ``---``;
+  a ``.md`` file is always ONE document (in Markdown ``---`` is a rule or front matter).
+  Blank lines around a document are removed, empty documents are ignored; source ``path:LINE``
+  names the document's first line.
+
+A row that cannot be read (a bad JSON line, a list where an object belongs) is yielded as a
+`DataError` in place of the row, so the caller decides whether to raise or to skip it while the
+rest of the file still loads. Problems that spoil the whole file (missing file, unknown suffix,
+a ``.json`` document that does not parse) raise `DataError` at once.
+
+`LoadReport` and `DataFileError` (what loading one file gave, and its invalid records) live here
+and are re-exported by `sftkit.data.formats`, where `load_records` makes them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sftkit.data.messages import DataError, Record
+
+Row = dict[str, Any]
+RowOrError = tuple[str, Row | DataError]
+
+TEXT_SUFFIXES = (".txt", ".md")
+SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow") + TEXT_SUFFIXES
+DOC_SEPARATOR = "---"
+SKIP_HINT = ("fix the records, or pass on_error=skip (CLI: --skip-invalid) to skip invalid records "
+             "and count them")
+
+
+@dataclass
+class LoadReport:
+    """What `load_records` read: the records, and what it skipped or dropped on the way."""
+
+    records: list[Record]  # Conversation | RawText, in file order
+    skipped: Counter[str]  # kind -> invalid records skipped (only with on_error="skip")
+    errors: list[DataError]  # the first `max_errors` errors
+    format: str  # the detected / used format name
+    path: str
+    dropped: Counter[str] = field(default_factory=Counter)  # removed on purpose, not errors
+
+    def summary(self) -> str:
+        """One line for people, e.g. "x.jsonl (messages): 9 records; skipped 1 bad JSON"."""
+        text = f"{self.path} ({self.format}): {len(self.records)} records"
+        for label, counts in (("skipped", self.skipped), ("dropped", self.dropped)):
+            if counts:
+                text += f"; {label} " + ", ".join(f"{n} {kind}" for kind, n in counts.most_common())
+        return text
+
+
+class DataFileError(DataError):
+    """Invalid records in one file, listed with file:line and field (raised by `load_records`)."""
+
+    def __init__(self, path: str, errors: list[DataError], count: int, rows: int, stopped: bool):
+        scope = f"in the first {rows} rows (stopped at max_errors)" if stopped else f"in {rows} rows"
+        what = f"{count} invalid record{'s' if count != 1 else ''} {scope}"
+        super().__init__(path, f"invalid records: {what}", hint=SKIP_HINT)
+        self.errors = errors
+        self.count = count
+        listed = "\n".join(f"  {err}" for err in errors)
+        self.args = (f"{path}: {what}:\n{listed}\n{SKIP_HINT}",)
+
+
+def read_rows(path: str | Path) -> Iterator[RowOrError]:
+    """Yield `(source, row)` for every row of `path`; see the module docstring for the formats."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(str(path), "not found: no such file")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _read_jsonl(path)
+    if suffix == ".json":
+        return _read_json(path)
+    if suffix in (".parquet", ".arrow"):
+        return _read_arrow(path)
+    if suffix in TEXT_SUFFIXES:
+        return _read_text(path)
+    raise DataError(
+        str(path), f"unsupported file type: {suffix or 'no suffix'!r}",
+        hint=f"use one of {', '.join(SUFFIXES)}",
+    )
+
+
+def _object_or_error(source: str, value: Any) -> Row | DataError:
+    if isinstance(value, dict):
+        return value
+    return DataError(
+        source, f"not an object: got {json_type(value)}",
+        hint="each record must be a JSON object ({...})",
+    )
+
+
+def json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type, for error messages."""
+    names = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number",
+             float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _read_jsonl(path: Path) -> Iterator[RowOrError]:
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            source = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                problem = f"bad encoding: {err.reason} at byte {err.start} of the line"
+                yield source, DataError(source, problem, hint="save the file as UTF-8")
+                continue
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line.rstrip("\r\n"))  # so that columns count on this line
+            except json.JSONDecodeError as err:
+                yield source, DataError(source, f"bad JSON: {err.msg} (column {err.colno})",
+                                        hint="each line must be one complete JSON object")
+                continue
+            yield source, _object_or_error(source, value)
+
+
+def _read_json(path: Path) -> Iterator[RowOrError]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(str(path), f"bad encoding: {err.reason} at byte {err.start}",
+                        hint="save the file as UTF-8") from None
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as err:
+        hint = "a .json file holds one JSON document; for one object per line name it .jsonl"
+        raise DataError(f"{path}:{err.lineno}", f"bad JSON: {err.msg} (column {err.colno})",
+                        hint=hint) from None
+    rows = document if isinstance(document, list) else [document]
+    return ((f"{path}:#{index}", _object_or_error(f"{path}:#{index}", value))
+            for index, value in enumerate(rows))
+
+
+def _read_arrow(path: Path) -> Iterator[RowOrError]:
+    import pyarrow as pa
+
+    try:
+        if path.suffix.lower() == ".parquet":
+            import pyarrow.parquet as pq
+
+            batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
+        else:
+            batches = _arrow_batches(path)
+        index = 0
+        for batch in batches:
+            for row in batch.to_pylist():
+                yield f"{path}:#{index}", row
+                index += 1
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(str(path), f"unreadable {path.suffix[1:]} file: {err}") from None
+
+
+def _arrow_batches(path: Path) -> Iterator[Any]:
+    import pyarrow as pa
+
+    with pa.OSFile(str(path)) as source:  # read into memory: no batch outlives a mapping
+        try:
+            table = pa.ipc.open_file(source).read_all()
+        except pa.ArrowInvalid:  # `datasets` caches are Arrow *streams*, not files
+            source.seek(0)
+            table = pa.ipc.open_stream(source).read_all()
+    yield from table.to_batches(max_chunksize=1024)
+
+
+def _read_text(path: Path) -> Iterator[RowOrError]:
+    try:
+        lines = path.read_text(encoding="utf-8-sig").replace("\r\n", "\n").split("\n")
+    except UnicodeDecodeError as err:
+        raise DataError(str(path), f"bad encoding: {err.reason} at byte {err.start}",
+                        hint="save the file as UTF-8") from None
+    split = path.suffix.lower() == ".txt"
+    start, block = 1, list[str]()
+    for number, line in enumerate(lines, start=1):
+        if split and line.rstrip() == DOC_SEPARATOR:
+            yield from _text_document(path, start, block)
+            start, block = number + 1, []
+        else:
+            block.append(line)
+    yield from _text_document(path, start, block)
+
+
+def _text_document(path: Path, start: int, block: list[str]) -> Iterator[RowOrError]:
+    """One document from its lines, without the blank lines around it; nothing if it is empty."""
+    first = next((i for i, line in enumerate(block) if line.strip()), None)
+    if first is None:
+        return
+    last = max(i for i, line in enumerate(block) if line.strip())
+    yield f"{path}:{start + first}", {"text": "\n".join(block[first:last + 1])}
