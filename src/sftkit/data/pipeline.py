@@ -29,6 +29,8 @@ class DataReport:
             line = f"{load.path}: {len(load.records)} records ({load.format})"
             if load.skipped:
                 line += ", skipped invalid: " + ", ".join(f"{n} ({k})" for k, n in load.skipped.items())
+            if load.dropped:
+                line += ", dropped: " + ", ".join(f"{n} ({k})" for k, n in load.dropped.items())
             lines.append(line)
         if self.render is not None:
             lines.append(self.render.summary())

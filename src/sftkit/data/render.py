@@ -194,7 +194,22 @@ class Renderer:
             return None
         if alone is not full and alone[start : self._end_of_reply(alone, start) or len(alone)] != full[start:end]:
             self.warnings["reply_rewritten"] += 1
+        self._check_tool_calls(chat, i, full[start:end])
         return start, end
+
+    @staticmethod
+    def _check_tool_calls(chat: _Chat, i: int, reply: str) -> None:
+        """A template without tool support renders a tool call as an empty reply: refuse to train that."""
+        calls = chat.messages[i].get("tool_calls") or []
+        names = [c.get("function", {}).get("name") or c.get("name") for c in calls if isinstance(c, dict)]
+        missing = [n for n in names if n and n not in reply]
+        if missing:
+            raise DataError(
+                chat.source,
+                f"tool call not rendered: the chat template drops tool_calls ({', '.join(missing)})",
+                field_name=f"messages[{i}].tool_calls",
+                hint="use a template with tool support (e.g. the Qwen2.5 tokenizer's own) or write the call as text",
+            )
 
     def _end_of_reply(self, text: str, start: int) -> int | None:
         assert self.end_of_turn is not None
