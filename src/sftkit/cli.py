@@ -2,6 +2,9 @@
 
     sftkit data preview --tokenizer DIR --data FILE [--format F] [--template NAME]
                         [--strategy assistant|last|all] [--max-length N] [--json]
+    sftkit data inspect FILE [--tokenizer DIR] [--template NAME] [--max-length N] [--report DIR]
+    sftkit data clean FILE --out FILE [--near-dup-threshold 0.85] [--min-reply-chars N]
+                      [--tokenizer DIR --max-tokens N] [--drop-pattern REGEX ...] [--drop-refusals]
 """
 
 from __future__ import annotations
@@ -72,11 +75,105 @@ def _run_data_preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_data_inspect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="counts, token lengths, truncation, duplicates, scripts, worst offenders")
+    p.add_argument("file", help="JSON / JSONL / Parquet file")
+    p.add_argument("--tokenizer", help="local tokenizer directory: token figures with its chat template")
+    p.add_argument("--template", help="built-in chat template (chatml, llama3, mistral) or a .jinja file")
+    p.add_argument("--max-length", type=int, default=2048, help="training's max_length (default 2048)")
+    p.add_argument("--strategy", default="assistant", choices=["assistant", "last", "all"])
+    p.add_argument("--format", default="auto", help="auto, messages, alpaca, prompt_completion, sharegpt, text, ...")
+    p.add_argument("--columns", type=_columns, help="column mapping, e.g. instruction=instruction,output=response")
+    p.add_argument("--near-dup-threshold", type=float, default=0.85, help="Jaccard of word 3-grams (default 0.85)")
+    p.add_argument("--min-reply-chars", type=int, default=10, help="replies shorter than this are counted (default 10)")
+    p.add_argument("--num-proc", type=int, default=1, help="processes for rendering")
+    p.add_argument("--report", metavar="DIR", help="write DIR/report.md with lengths.png and replies.png")
+    p.set_defaults(func=_run_data_inspect)
+
+
+def _run_data_inspect(args: argparse.Namespace) -> int:
+    from sftkit.data.quality import inspect_file, write_report
+
+    report = inspect_file(
+        args.file,
+        tokenizer=_data_tokenizer(args.tokenizer, args.template),
+        max_length=args.max_length,
+        strategy=args.strategy,
+        format=args.format,
+        columns=args.columns,
+        near_threshold=args.near_dup_threshold,
+        min_reply_chars=args.min_reply_chars,
+        num_proc=args.num_proc,
+        progress=True,
+    )
+    print(report.summary())
+    if args.report:
+        print(f"report: {write_report(report, args.report)}")
+    return 0
+
+
+def _add_data_clean(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("clean", help="remove duplicates, near-duplicates, short/long replies; same format out")
+    p.add_argument("file", help="JSON / JSONL / Parquet file (never modified)")
+    p.add_argument("--out", required=True, help="cleaned file, same suffix as FILE")
+    p.add_argument("--report", metavar="FILE.md", help="report path (default: <out>.report.md and <out>.report.json)")
+    p.add_argument("--dedupe", default="near", choices=["near", "exact", "none"], help="near = exact + near (default)")
+    p.add_argument("--near-dup-threshold", type=float, default=0.85, help="Jaccard of word 3-grams (default 0.85)")
+    p.add_argument("--min-reply-chars", type=int, default=0, help="remove rows with a shorter reply (default 0: off)")
+    p.add_argument("--max-tokens", type=int, help="remove rows rendered longer than this (needs --tokenizer)")
+    p.add_argument("--tokenizer", help="local tokenizer directory, for --max-tokens")
+    p.add_argument("--template", help="built-in chat template (chatml, llama3, mistral) or a .jinja file")
+    p.add_argument("--drop-pattern", action="append", default=[], metavar="REGEX", help="remove rows with a reply matching it (repeatable)")
+    p.add_argument("--drop-refusals", action="store_true", help="also the built-in list ('As an AI language model', ...)")
+    p.add_argument("--skip-invalid", action="store_true", help="remove invalid rows instead of stopping")
+    p.add_argument("--format", default="auto", help="auto, messages, alpaca, prompt_completion, sharegpt, text, ...")
+    p.add_argument("--columns", type=_columns, help="column mapping, e.g. instruction=instruction,output=response")
+    p.set_defaults(func=_run_data_clean)
+
+
+def _run_data_clean(args: argparse.Namespace) -> int:
+    from sftkit.data.clean import CleanOptions, clean_file, write_clean_report
+
+    options = CleanOptions(
+        dedupe=args.dedupe,
+        near_threshold=args.near_dup_threshold,
+        min_reply_chars=args.min_reply_chars,
+        max_tokens=args.max_tokens,
+        drop_patterns=tuple(args.drop_pattern),
+        drop_refusals=args.drop_refusals,
+        skip_invalid=args.skip_invalid,
+        format=args.format,
+        columns=args.columns,
+    )
+    tokenizer = _data_tokenizer(args.tokenizer, args.template)
+    report = clean_file(args.file, args.out, options, tokenizer=tokenizer, progress=True)
+    print(report.summary())
+    print(f"report: {write_clean_report(report, args.out, args.report)}")
+    return 0
+
+
+def _data_tokenizer(path: str | None, template: str | None):  # -> PreTrainedTokenizerBase | None
+    """The tokenizer at `path` with its chat template installed, or None without `path`."""
+    from sftkit.data.templates import TemplateError, prepare_tokenizer
+
+    if path is None:
+        if template:
+            raise TemplateError("--template needs --tokenizer")
+        return None
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    prepare_tokenizer(tokenizer, template)
+    return tokenizer
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sftkit", description="Supervised fine-tuning of language models.")
     commands = parser.add_subparsers(dest="command", required=True)
     data = commands.add_parser("data", help="look at and prepare datasets").add_subparsers(dest="data_command", required=True)
     _add_data_preview(data)
+    _add_data_inspect(data)
+    _add_data_clean(data)
     return parser
 
 

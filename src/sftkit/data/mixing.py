@@ -1,0 +1,128 @@
+"""Mix several training sources by weight or sample count, the same way for the same seed.
+
+    # sftkit train recipe.yaml, with
+    data:
+      train:
+        - {path: a.jsonl, weight: 2}       # every record of a.jsonl twice
+        - {path: b.jsonl, samples: 500}    # 500 records of b.jsonl, drawn without replacement
+        - c.jsonl                          # all of c.jsonl, once
+
+    records, report = mix_with_report([(a, MixSpec(weight=2)), (b, MixSpec(samples=500)),
+                                       (c, MixSpec())], seed=0)
+    print(report.summary())
+
+How many records a source gives (`MixSpec.count`): `samples` is a number of records; `weight`
+scales the source's size, round(weight * size) with halves rounded up: 0.5 = a random half, 1 = all,
+2 = all twice, 2.5 = all twice plus a random half; neither = all of it, once.
+
+Which records: a count up to the source's size is drawn without replacement. Above it the source is
+upsampled: every record is taken count // size times and the remainder drawn without replacement,
+so no record is left out and none is repeated more than once beyond the others (plain sampling with
+replacement would leave about 13% of the records out at weight 2). Each source draws from its own
+generator, seeded by (seed, position), so changing one source's spec never changes another's picks.
+The result lists the sources in the order given, each one's picks in file order (copies adjacent);
+the trainer shuffles every epoch. Hold evaluation records out BEFORE mixing, or upsampled copies
+of the same record land on both sides.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from sftkit.data.messages import Record
+
+
+@dataclass(frozen=True)
+class MixSpec:
+    """How much of one source to train on: `weight` or `samples` (at most one); neither = all."""
+
+    weight: float | None = None
+    samples: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.weight is not None and self.samples is not None:
+            raise ValueError(f"give a source a weight or a number of samples, not both ({self})")
+        if self.weight is not None and not (math.isfinite(self.weight) and self.weight >= 0):
+            raise ValueError(f"weight must be a finite number >= 0, not {self.weight!r}")
+        if self.samples is not None and (isinstance(self.samples, bool) or not isinstance(self.samples, int)
+                                         or self.samples < 0):
+            raise ValueError(f"samples must be a whole number >= 0, not {self.samples!r}")
+
+    def count(self, size: int) -> int:
+        """How many records this spec takes from a source of `size` records."""
+        if self.samples is not None:
+            return self.samples
+        if self.weight is not None:
+            return math.floor(self.weight * size + 0.5)
+        return size
+
+
+@dataclass(frozen=True)
+class SourceCount:
+    """What one source gave to the mix."""
+
+    name: str
+    available: int
+    taken: int
+    distinct: int  # different records among those taken
+
+    @property
+    def upsampled(self) -> bool:
+        return self.taken > self.available
+
+
+@dataclass
+class MixReport:
+    """Counts per source, in the order given."""
+
+    sources: list[SourceCount]
+
+    @property
+    def total(self) -> int:
+        return sum(s.taken for s in self.sources)
+
+    def summary(self) -> str:
+        """One line per source, e.g. `a.jsonl: 2000 of 1000 (upsampled x2.00, 1000 distinct), 40.0%`."""
+        lines = []
+        for s in self.sources:
+            how = f"upsampled x{s.taken / s.available:.2f}, " if s.upsampled else ""
+            share = s.taken / self.total if self.total else 0.0
+            lines.append(f"{s.name}: {s.taken} of {s.available} ({how}{s.distinct} distinct), {share:.1%}")
+        return "\n".join(lines + [f"mixed: {self.total} records"])
+
+
+def pick(size: int, count: int, rng: np.random.Generator) -> list[int]:
+    """`count` indices into `size` records, sorted: without replacement up to `size`, then whole
+    copies of every index plus a without-replacement draw of the remainder."""
+    if count and not size:
+        raise ValueError(f"cannot take {count} records from an empty source")
+    copies, remainder = divmod(count, size) if size else (0, 0)
+    chosen = np.concatenate([np.tile(np.arange(size), copies), rng.choice(size, remainder, replace=False)])
+    return np.sort(chosen, kind="stable").tolist()
+
+
+def mix_with_report(sources: Sequence[tuple[list[Record], MixSpec]], seed: int) -> tuple[list[Record], MixReport]:
+    """The mixed records (see the module docstring) and how many each source gave."""
+    mixed: list[Record] = []
+    counts = []
+    for position, (records, spec) in enumerate(sources):
+        chosen = pick(len(records), spec.count(len(records)), np.random.default_rng([seed, position]))
+        mixed.extend(records[i] for i in chosen)
+        counts.append(SourceCount(_name(records, position), len(records), len(chosen), len(set(chosen))))
+    return mixed, MixReport(counts)
+
+
+def mix(sources: Sequence[tuple[list[Record], MixSpec]], seed: int) -> list[Record]:
+    """The mixed records; `mix_with_report` also says how many each source gave."""
+    return mix_with_report(sources, seed)[0]
+
+
+def _name(records: list[Record], position: int) -> str:
+    """The file a source's records came from ("a.jsonl" of "a.jsonl:12"), else its position."""
+    if records and ":" in records[0].source:
+        return records[0].source.rpartition(":")[0]
+    return f"source {position}"
