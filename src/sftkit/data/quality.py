@@ -186,7 +186,7 @@ class InspectReport:
                   ("duplicate rows", f"{self.exact_duplicates} exact, {self.near_duplicates} near "
                                      f"(Jaccard >= {self.near_threshold})"),
                   ("main script (examples)", scripts or "no letters"),
-                  ("letters by script", ", ".join(f"{s} {c / max(sum(self.letters.values()), 1):.1%}"
+                  ("letters by script", ", ".join(f"{s} {c} ({c / max(sum(self.letters.values()), 1):.2%})"
                                                   for s, c in self.letters.most_common(8)) or "none"),
                   ("refusal-like replies", f"{self.refusals} examples")]
         return facts
