@@ -5,6 +5,10 @@
     sftkit data inspect FILE [--tokenizer DIR] [--template NAME] [--max-length N] [--report DIR]
     sftkit data clean FILE --out FILE [--near-dup-threshold 0.85] [--min-reply-chars N]
                       [--tokenizer DIR --max-tokens N] [--drop-pattern REGEX ...] [--drop-refusals]
+    sftkit train CONFIG.yaml [key=value ...]
+    sftkit generate --model DIR --prompt TEXT [--system TEXT] [--max-new-tokens N] [--temperature T]
+    sftkit chat --model DIR
+    sftkit model tiny --config ARCH.json --tokenizer DIR --out DIR
 """
 
 from __future__ import annotations
@@ -167,6 +171,74 @@ def _data_tokenizer(path: str | None, template: str | None):  # -> PreTrainedTok
     return tokenizer
 
 
+def _add_train(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("train", help="fine-tune a local model from a YAML recipe")
+    p.add_argument("config", help="YAML recipe, e.g. configs/tiny-cpu.yaml")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-5")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from sftkit.config import ConfigError, load_config
+    from sftkit.model import ModelError
+    from sftkit.train import train
+
+    try:
+        train(load_config(args.config, args.overrides))
+    except (ConfigError, ModelError) as err:
+        print(f"sftkit: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _add_generate(commands: argparse._SubParsersAction) -> None:
+    for name, help_text in (("generate", "one reply to --prompt"), ("chat", "multi-turn chat on stdin, streamed")):
+        p = commands.add_parser(name, help=help_text)
+        p.add_argument("--model", required=True, help="trained model directory, e.g. runs/tiny/final")
+        if name == "generate":
+            p.add_argument("--prompt", required=True)
+        p.add_argument("--system", help="system message")
+        p.add_argument("--max-new-tokens", type=int, default=256)
+        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+        p.add_argument("--device", default="auto")
+        p.set_defaults(func=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from sftkit.generate import chat, generate_command
+    from sftkit.model import ModelError
+
+    options = {"system": args.system, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+               "device": args.device}
+    try:
+        if args.command == "chat":
+            chat(args.model, **options)
+        else:
+            generate_command(args.model, args.prompt, **options)
+    except ModelError as err:
+        print(f"sftkit: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _add_model_tiny(commands: argparse._SubParsersAction) -> None:
+    model = commands.add_parser("model", help="model utilities").add_subparsers(dest="model_command", required=True)
+    p = model.add_parser("tiny", help="write a tiny random model (real architecture, shrunk) for smoke tests")
+    p.add_argument("--config", required=True, help="architecture config.json, e.g. ../shared/data/configs/qwen2.json")
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory, e.g. ../shared/data/tokenizers/qwen2.5")
+    p.add_argument("--out", required=True, help="directory to write (model + tokenizer)")
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=64)
+    p.set_defaults(func=_run_model_tiny)
+
+
+def _run_model_tiny(args: argparse.Namespace) -> int:
+    from sftkit.model import save_tiny_model
+
+    print(save_tiny_model(args.config, args.tokenizer, args.out, layers=args.layers, hidden=args.hidden))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sftkit", description="Supervised fine-tuning of language models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -174,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_preview(data)
     _add_data_inspect(data)
     _add_data_clean(data)
+    _add_train(commands)
+    _add_generate(commands)
+    _add_model_tiny(commands)
     return parser
 
 

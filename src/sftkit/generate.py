@@ -1,0 +1,166 @@
+"""Generate with exactly the format the model was trained on, stopping at the end of the turn.
+
+    sftkit generate --model runs/tiny/final --prompt "What is 2+2?" [--system TEXT] [--max-new-tokens 128]
+    sftkit chat --model runs/tiny/final                         # multi-turn, streams tokens; /reset, /exit
+
+The prompt is the tokenizer's own chat template (`apply_chat_template(add_generation_prompt=True)`)
+encoded with `add_special_tokens=False`, as in training. Generation stops at any of the
+generation config's EOS ids plus the template's end-of-turn token(s). Greedy unless `--temperature`.
+Template variables the run trained with (`data.template_kwargs`, e.g. a date) are read back from
+the `sftkit_config.yaml` that `sftkit train` writes into `final/`.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
+
+from sftkit.data.templates import end_of_turn_token_ids
+from sftkit.model import check_local_dir, load_tokenizer, resolve_device, resolve_dtype
+
+
+@dataclass
+class Reply:
+    """A generated reply: its text (special tokens removed), its token ids, and whether it ended the turn."""
+
+    text: str
+    ids: list[int]
+    stopped: bool
+
+
+def load_for_generation(
+    model_dir: str | Path, *, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A trained model directory (e.g. `output_dir/final`) and its tokenizer, ready for `generate_reply`."""
+    directory = check_local_dir(model_dir, "--model")
+    target = resolve_device(device)
+    tokenizer = load_tokenizer(directory, trust_remote_code=trust_remote_code)
+    if not tokenizer.chat_template:
+        raise ValueError(f"{directory}: the tokenizer has no chat template — was it trained with sftkit?")
+    model = AutoModelForCausalLM.from_pretrained(
+        directory, local_files_only=True, use_safetensors=True, trust_remote_code=trust_remote_code,
+        dtype=resolve_dtype(dtype, target),
+    )
+    return model.to(target).eval(), tokenizer
+
+
+def training_template_kwargs(model_dir: str | Path) -> dict[str, Any]:
+    """`data.template_kwargs` of the run that wrote `model_dir` (its sftkit_config.yaml), else {}."""
+    path = Path(model_dir) / "sftkit_config.yaml"
+    if not path.is_file():
+        return {}
+    return dict((yaml.safe_load(path.read_text()) or {}).get("data", {}).get("template_kwargs") or {})
+
+
+def stop_ids(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, template_kwargs: dict | None = None
+) -> list[int]:
+    """EOS ids of the generation config plus the template's end-of-turn token ids."""
+    eos = model.generation_config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return list(dict.fromkeys(eos + end_of_turn_token_ids(tokenizer, template_kwargs)))
+
+
+def encode_prompt(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], template_kwargs: dict | None = None
+) -> list[int]:
+    """Template text with the assistant header appended, tokenized without extra special tokens."""
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, **(template_kwargs or {})
+    )
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@torch.no_grad()
+def generate_reply(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict[str, Any]],
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    streamer: Any = None,
+    template_kwargs: dict | None = None,
+) -> Reply:
+    """The assistant's next turn after `messages` (greedy when temperature == 0)."""
+    prompt = encode_prompt(tokenizer, messages, template_kwargs)
+    stops = stop_ids(model, tokenizer, template_kwargs)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    config = copy.deepcopy(model.generation_config)
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {
+        "do_sample": False, "temperature": None, "top_p": None, "top_k": None,
+    }
+    config.update(max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad_id, **sampling)
+    input_ids = torch.tensor([prompt], device=model.device)
+    was_training = model.training
+    model.eval()
+    out = model.generate(
+        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config, streamer=streamer
+    )
+    model.train(was_training)
+    ids = out[0, len(prompt) :].tolist()
+    stopped = bool(ids) and ids[-1] in stops
+    return Reply(tokenizer.decode(ids, skip_special_tokens=True).strip(), ids, stopped)
+
+
+def generate_command(
+    model_dir: str | Path,
+    prompt: str,
+    *,
+    system: str | None = None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    device: str = "auto",
+) -> Reply:
+    """`sftkit generate`: one reply to one prompt, printed."""
+    model, tokenizer = load_for_generation(model_dir, device=device)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    reply = generate_reply(model, tokenizer, messages, max_new_tokens=max_new_tokens, temperature=temperature,
+                           template_kwargs=training_template_kwargs(model_dir))
+    print(reply.text)
+    if not reply.stopped:
+        print(f"[stopped at --max-new-tokens {max_new_tokens} before the end of the turn]", file=sys.stderr)
+    return reply
+
+
+def chat(
+    model_dir: str | Path,
+    *,
+    system: str | None = None,
+    max_new_tokens: int = 512,
+    temperature: float = 0.0,
+    device: str = "auto",
+    stdin: TextIO | None = None,
+) -> list[dict[str, Any]]:
+    """`sftkit chat`: a multi-turn REPL on stdin; replies stream to stdout. Returns the conversation."""
+    stdin = stdin or sys.stdin
+    model, tokenizer = load_for_generation(model_dir, device=device)
+    template_kwargs = training_template_kwargs(model_dir)
+    start = [{"role": "system", "content": system}] if system else []
+    messages = list(start)
+    interactive = stdin.isatty()
+    print("sftkit chat — /reset clears the conversation, /exit (or end of input) quits.", flush=True)
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = stdin.readline()
+        if not line or line.strip() in ("/exit", "/quit"):
+            return messages
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/reset":
+            messages = list(start)
+            continue
+        messages.append({"role": "user", "content": text})
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        reply = generate_reply(model, tokenizer, messages, max_new_tokens=max_new_tokens, temperature=temperature,
+                               streamer=streamer, template_kwargs=template_kwargs)
+        messages.append({"role": "assistant", "content": reply.text})

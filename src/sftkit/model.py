@@ -1,0 +1,206 @@
+"""Load a local Hugging Face model + tokenizer for fine-tuning; build tiny random models for tests.
+
+    sftkit train configs/tiny-cpu.yaml              # model.path -> load_model()
+    sftkit model tiny --config ../shared/data/configs/qwen2.json \\
+        --tokenizer ../shared/data/tokenizers/qwen2.5 --out runs/tiny-qwen2   # save_tiny_model()
+
+sftkit reads local directories only (`local_files_only=True`, safetensors weights, no remote code
+unless `model.trust_remote_code: true`). When the chat template brings new control tokens, the
+embedding matrix (and an untied output head) grows and the new rows start at the mean of the
+existing rows, so the new tokens begin as an "average" token instead of noise.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from sftkit.config import ModelConfig
+from sftkit.data.templates import prepare_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelError(ValueError):
+    """The model directory cannot be used (missing, a hub id, no safetensors weights, ...)."""
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` -> cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` -> bfloat16 on CUDA, float32 elsewhere; otherwise the named dtype."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def check_local_dir(path: str | Path, what: str = "model.path") -> Path:
+    """The directory itself, or a clear error naming `what` was given: sftkit never downloads from the hub."""
+    directory = Path(path).expanduser()
+    if not directory.is_dir():
+        looks_like_hub_id = str(path).count("/") == 1 and not str(path).startswith((".", "/", "~"))
+        hint = (
+            f" ({str(path)!r} looks like a hub id: download it first, e.g. "
+            f"`huggingface-cli download {path} --local-dir models/{Path(str(path)).name}`)"
+            if looks_like_hub_id
+            else ""
+        )
+        raise ModelError(f"{what}: {path} is not a directory — sftkit loads local directories only{hint}")
+    if not (directory / "config.json").is_file():
+        raise ModelError(f"{what}: {directory} has no config.json — not a Hugging Face model directory")
+    return directory
+
+
+def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer of a local directory (with its chat template, if it has one)."""
+    directory = Path(path).expanduser()
+    if not directory.is_dir():
+        raise ModelError(f"{path} is not a directory — sftkit loads local directories only")
+    return AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=trust_remote_code)
+
+
+def load_model(
+    config: ModelConfig,
+    *,
+    template: str | None = None,
+    device: torch.device | None = None,
+    path: str | Path | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, list[str]]:
+    """Tokenizer (with its chat template installed) + model on `device`; returns the newly added tokens.
+
+    `path` overrides `config.path` (resuming from a checkpoint directory).
+    """
+    directory = check_local_dir(path or config.path)
+    device = device or resolve_device()
+    tokenizer = load_tokenizer(directory, trust_remote_code=config.trust_remote_code)
+    added = prepare_tokenizer(tokenizer, template)
+    if not any(directory.glob("*.safetensors")):
+        raise ModelError(f"model.path: {directory} has no *.safetensors weights (sftkit loads safetensors only)")
+    model = AutoModelForCausalLM.from_pretrained(
+        directory,
+        local_files_only=True,
+        use_safetensors=True,
+        trust_remote_code=config.trust_remote_code,
+        dtype=resolve_dtype(config.dtype, device),
+        attn_implementation=config.attn_implementation,
+    )
+    if added:
+        init_new_token_rows(model, tokenizer, added)
+    return model.to(device), tokenizer, added
+
+
+def init_new_token_rows(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, added: list[str]) -> list[int]:
+    """Grow the embeddings to `len(tokenizer)` if needed; set the rows of `added` to the mean old row.
+
+    The mean is taken over the rows that existed before and are not new tokens. An untied output
+    head gets the same treatment (its own mean); a tied head shares the input rows.
+    """
+    old_rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > old_rows:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    new_ids = sorted(set(tokenizer.convert_tokens_to_ids(added)))
+    keep = torch.ones(old_rows, dtype=torch.bool)
+    keep[[i for i in new_ids if i < old_rows]] = False
+    with torch.no_grad():
+        matrices = [model.get_input_embeddings().weight]
+        head = model.get_output_embeddings()
+        if head is not None and head.weight.data_ptr() != matrices[0].data_ptr():
+            matrices.append(head.weight)
+            if getattr(head, "bias", None) is not None:
+                head.bias[new_ids] = head.bias[:old_rows][keep].mean()
+        for weight in matrices:
+            weight[new_ids] = weight[:old_rows][keep].float().mean(dim=0).to(weight.dtype)
+    return new_ids
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; tied weights are counted once."""
+    unique = {p.data_ptr(): p for p in model.parameters()}.values()
+    return sum(p.numel() for p in unique if p.requires_grad), sum(p.numel() for p in unique)
+
+
+def tiny_config(
+    config_json: str | Path,
+    vocab_size: int,
+    *,
+    layers: int = 2,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 128,
+    overrides: dict[str, Any] | None = None,
+) -> Any:
+    """A real architecture config (qwen2, llama, gpt2, ...) shrunk to a few thousand parameters per layer."""
+    raw = json.loads(Path(config_json).read_text())
+    model_type = raw.pop("model_type")
+    shrink = {
+        # llama / qwen / mistral naming
+        "num_hidden_layers": layers, "hidden_size": hidden, "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads, "intermediate_size": intermediate, "head_dim": hidden // heads,
+        "max_window_layers": layers,
+        # gpt2 naming
+        "n_layer": layers, "n_embd": hidden, "n_head": heads, "n_inner": intermediate,
+    }
+    for key, value in shrink.items():
+        if key in raw:
+            raw[key] = value
+    if isinstance(raw.get("layer_types"), list):
+        raw["layer_types"] = raw["layer_types"][:layers]
+    raw["vocab_size"] = vocab_size
+    for key in ("_name_or_path", "transformers_version", "architectures", "torch_dtype", "dtype"):
+        raw.pop(key, None)
+    raw.update(overrides or {})
+    return AutoConfig.for_model(model_type, **raw)
+
+
+def build_tiny_model(
+    config_json: str | Path,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    layers: int = 2,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 128,
+    seed: int = 0,
+    overrides: dict[str, Any] | None = None,
+) -> PreTrainedModel:
+    """A random float32 model of a real architecture, shrunk, with `vocab_size = len(tokenizer)`."""
+    config = tiny_config(
+        config_json, len(tokenizer), layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads,
+        intermediate=intermediate, overrides=overrides,
+    )
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        token_id = getattr(tokenizer, name, None)
+        if token_id is not None:
+            setattr(config, name, token_id)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(model.generation_config, name, getattr(config, name, None))
+    return model
+
+
+def save_tiny_model(
+    config_json: str | Path,
+    tokenizer_dir: str | Path,
+    out_dir: str | Path,
+    **shrink: Any,
+) -> Path:
+    """Write a tiny random model + the tokenizer as a local HF directory `sftkit train` can load."""
+    tokenizer = load_tokenizer(tokenizer_dir)
+    model = build_tiny_model(config_json, tokenizer, **shrink)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
