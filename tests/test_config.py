@@ -139,3 +139,34 @@ def test_python_dash_m_sftkit_train(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "sftkit: error: model.dtype: 'fp8' is not one of auto, float32, bfloat16, float16" in done.stderr
+
+
+def test_data_train_mixes_sources_by_weight_and_samples() -> None:
+    """`data.train` entries with weight/samples go through sftkit.data.mixing, seeded by train.seed."""
+    from sftkit.data.dataset import load_splits
+    from sftkit.data.render import Renderer
+    from transformers import AutoTokenizer
+
+    from tests.conftest import ASSETS, tokenizer_dir
+
+    chat, identity = str(ASSETS / "data" / "chat_messages.jsonl"), str(ASSETS / "data" / "identity_alpaca.json")
+    config = load_config(None, [
+        "model.path=unused", f"data.train=[{{path: {chat}, weight: 2}}, {{path: {identity}, samples: 2}}]",
+    ])  # fmt: skip
+    assert config.data.paths() == [chat, identity]
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir("qwen2.5"))
+    train, _ = load_splits(config.data, Renderer(tokenizer), seed=0)
+    sources = [r.source.rsplit(":", 1)[0] for r in train.records]
+    assert sources.count(chat) == 2 * 10 and sources.count(identity) == 2  # 10 chats (one trailing turn dropped)
+    again, _ = load_splits(config.data, Renderer(tokenizer), seed=0)
+    assert [r.source for r in again.records] == [r.source for r in train.records]
+
+
+@pytest.mark.parametrize(
+    "entry,message",
+    [("{path: a.jsonl, weight: 1, samples: 2}", "not both"), ("{file: a.jsonl}", "expected a path"),
+     ("{path: a.jsonl, weight: -1}", "weight must be")],
+)  # fmt: skip
+def test_bad_mixing_entries_name_the_entry(entry: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=rf"data.train\[0\]: .*{message}"):
+        load_config(None, ["model.path=x", f"data.train=[{entry}]"])

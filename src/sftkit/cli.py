@@ -179,15 +179,10 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from sftkit.config import ConfigError, load_config
-    from sftkit.model import ModelError
+    from sftkit.config import load_config
     from sftkit.train import train
 
-    try:
-        train(load_config(args.config, args.overrides))
-    except (ConfigError, ModelError) as err:
-        print(f"sftkit: error: {err}", file=sys.stderr)
-        return 2
+    train(load_config(args.config, args.overrides))
     return 0
 
 
@@ -206,18 +201,13 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
 
 def _run_generate(args: argparse.Namespace) -> int:
     from sftkit.generate import chat, generate_command
-    from sftkit.model import ModelError
 
     options = {"system": args.system, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                "device": args.device}
-    try:
-        if args.command == "chat":
-            chat(args.model, **options)
-        else:
-            generate_command(args.model, args.prompt, **options)
-    except ModelError as err:
-        print(f"sftkit: error: {err}", file=sys.stderr)
-        return 2
+    if args.command == "chat":
+        chat(args.model, **options)
+    else:
+        generate_command(args.model, args.prompt, **options)
     return 0
 
 

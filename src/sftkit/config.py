@@ -20,6 +20,8 @@ from typing import Any, ClassVar
 
 import yaml
 
+from sftkit.data.mixing import MixSpec
+
 # Names other trainers use, so an unknown key can still get a did-you-mean.
 ALIASES = {
     "learning_rate": "lr", "num_epochs": "epochs", "num_train_epochs": "epochs",
@@ -69,8 +71,9 @@ class DataConfig:
 
     section: ClassVar[str] = "data"
 
-    train: list[str] = field(default_factory=list)
-    """Training file(s): a path or a list of paths (json, jsonl, parquet, ...)."""
+    train: list[str | dict[str, Any]] = field(default_factory=list)
+    """Training file(s): a path, or a list of paths and `{path, weight}` / `{path, samples}` entries
+    that mix sources (weight 2 = every record twice; samples 500 = 500 records; seeded by train.seed)."""
     eval: str | None = None
     """A separate evaluation file. Give this or `eval_fraction`, not both."""
     eval_fraction: float = 0.0
@@ -95,6 +98,7 @@ class DataConfig:
             self.train = [self.train]
         if not self.train:
             _fail("data.train", "required: a path or a list of paths")
+        self.sources()  # validates every entry
         if not 0.0 <= self.eval_fraction < 1.0:
             _fail("data.eval_fraction", f"{self.eval_fraction} must be in [0, 1)")
         if self.eval and self.eval_fraction:
@@ -103,6 +107,25 @@ class DataConfig:
             _fail("data.strategy", f"{self.strategy!r} is not one of {', '.join(STRATEGIES)}")
         if self.max_length < 2:
             _fail("data.max_length", f"{self.max_length} is too short (at least 2 tokens)")
+
+    def sources(self) -> list[tuple[str, MixSpec]]:
+        """(path, how much of it) for every `data.train` entry, in order."""
+        out = []
+        for i, entry in enumerate(self.train):
+            if isinstance(entry, str):
+                out.append((entry, MixSpec()))
+                continue
+            unknown = set(entry) - {"path", "weight", "samples"}
+            if unknown or not isinstance(entry.get("path"), str):
+                _fail(f"data.train[{i}]", f"expected a path or {{path, weight}} / {{path, samples}}, got {entry!r}")
+            try:
+                out.append((entry["path"], MixSpec(weight=entry.get("weight"), samples=entry.get("samples"))))
+            except ValueError as err:
+                _fail(f"data.train[{i}]", str(err))
+        return out
+
+    def paths(self) -> list[str]:
+        return [path for path, _ in self.sources()]
 
 
 @dataclass

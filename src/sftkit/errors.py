@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from sftkit.config import ConfigError
 from sftkit.data.messages import DataError
 from sftkit.data.render import RenderError
 from sftkit.data.templates import TemplateError
+from sftkit.model import ModelError
 
-USER_ERRORS: tuple[type[BaseException], ...] = (DataError, RenderError, TemplateError, FileNotFoundError, OSError)
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError, DataError, ModelError, RenderError, TemplateError, FileNotFoundError, OSError,
+)

@@ -26,6 +26,7 @@ import torch
 
 from sftkit.config import ConfigError, DataConfig
 from sftkit.data.formats import LoadReport
+from sftkit.data.mixing import MixSpec, mix_with_report
 from sftkit.data.messages import Conversation, DataError, Record
 from sftkit.data.pipeline import load_all
 from sftkit.data.render import IGNORE_INDEX, RenderReport, Renderer, Tokenized, render_records
@@ -64,11 +65,26 @@ def hold_out(records: list[Record], fraction: float, seed: int) -> tuple[list[Re
     return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
 
 
+def mix_sources(
+    train_records: list[Record], eval_records: list[Record], loads: list[LoadReport], config: DataConfig, seed: int
+) -> list[Record]:
+    """Apply the `{path, weight|samples}` entries of `data.train`; plain paths are taken as they are."""
+    sources = config.sources()
+    if all(spec == MixSpec() for _, spec in sources):
+        return train_records
+    held = {id(r) for r in eval_records}
+    parts = [([r for r in load.records if id(r) not in held], spec) for (_, spec), load in zip(sources, loads)]
+    mixed, report = mix_with_report(parts, seed=seed)
+    print(report.summary())
+    return mixed
+
+
 def load_splits(config: DataConfig, renderer: Renderer, seed: int) -> tuple[Split, Split]:
     """(train, eval) from `data.train` plus `data.eval` or `data.eval_fraction`."""
     read = {"format": config.format, "columns": config.columns, "skip_invalid": config.skip_invalid}
-    records, loads = load_all(config.train, **read)
-    train_records, eval_records = hold_out(records, config.eval_fraction, seed)
+    records, loads = load_all(config.paths(), **read)
+    train_records, eval_records = hold_out(records, config.eval_fraction, seed)  # before mixing: no leaks
+    train_records = mix_sources(train_records, eval_records, loads, config, seed)
     eval_loads: list[LoadReport] = []
     if config.eval:
         eval_records, eval_loads = load_all([config.eval], **read)
@@ -77,7 +93,7 @@ def load_splits(config: DataConfig, renderer: Renderer, seed: int) -> tuple[Spli
     evaluation = Split(eval_records, render_records(eval_records, renderer, **render), eval_loads)
     if not train.examples:
         reasons = dict(train.left_out()) or "no records"
-        raise DataError(", ".join(config.train), f"no usable training examples ({reasons})", "data.train")
+        raise DataError(", ".join(config.paths()), f"no usable training examples ({reasons})", "data.train")
     return train, evaluation
 
 
