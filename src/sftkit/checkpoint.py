@@ -34,6 +34,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sftkit.config import Config
+from sftkit.lora import save_options
 
 STATE_FILE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -67,7 +68,8 @@ def save_hf_dir(
     generation.eos_token_id = list(dict.fromkeys(existing + list(eos_ids)))
     if generation.pad_token_id is None:
         generation.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    model.save_pretrained(directory, safe_serialization=True)
+    model.save_pretrained(directory, safe_serialization=True, **save_options(model))
+    generation.save_pretrained(directory)  # a PEFT adapter's save_pretrained leaves it out
     tokenizer.save_pretrained(directory)
 
 

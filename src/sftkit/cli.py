@@ -8,6 +8,7 @@
     sftkit train CONFIG.yaml [key=value ...]
     sftkit generate --model DIR --prompt TEXT [--system TEXT] [--max-new-tokens N] [--temperature T]
     sftkit chat --model DIR
+    sftkit export ADAPTER_DIR --out DIR [--merge] [--base DIR] [--dtype auto|float32|bfloat16|float16]
     sftkit model tiny --config ARCH.json --tokenizer DIR --out DIR
 """
 
@@ -211,6 +212,24 @@ def _run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("export", help="a LoRA adapter as a merged plain HF model (--merge) or a clean adapter")
+    p.add_argument("adapter", metavar="ADAPTER_DIR", help="a LoRA run's final/ or checkpoints/step-N/")
+    p.add_argument("--out", required=True, help="new directory to write")
+    p.add_argument("--merge", action="store_true", help="fold the adapter into the base: loads without PEFT")
+    p.add_argument("--base", help="base model directory (default: base_model_name_or_path of adapter_config.json)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype of the merged weights (default: the base's own)")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from sftkit.export import export
+
+    export(args.adapter, args.out, merge=args.merge, base=args.base, dtype=args.dtype)
+    return 0
+
+
 def _add_model_tiny(commands: argparse._SubParsersAction) -> None:
     model = commands.add_parser("model", help="model utilities").add_subparsers(dest="model_command", required=True)
     p = model.add_parser("tiny", help="write a tiny random model (real architecture, shrunk) for smoke tests")
@@ -238,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_clean(data)
     _add_train(commands)
     _add_generate(commands)
+    _add_export(commands)
     _add_model_tiny(commands)
     return parser
 

@@ -28,9 +28,11 @@ ALIASES = {
     "gradient_accumulation_steps": "grad_accum", "per_device_train_batch_size": "batch_size",
     "micro_batch_size": "batch_size", "seq_len": "max_length", "max_seq_length": "max_length",
     "torch_dtype": "dtype", "precision": "dtype", "model_name_or_path": "path", "dataset": "train",
+    "lora_r": "r", "rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "use_dora": "dora",
 }
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 STRATEGIES = ("assistant", "last", "all")
+QUANTIZE = ("nf4",)
 
 
 class ConfigError(ValueError):
@@ -200,12 +202,58 @@ class TrainConfig:
 
 
 @dataclass
+class LoraConfig:
+    """Parameter-efficient fine-tuning with PEFT: LoRA, DoRA, and QLoRA on a 4-bit base (see sftkit.lora)."""
+
+    section: ClassVar[str] = "lora"
+
+    enabled: bool = False
+    """Train LoRA adapters on a frozen base instead of every weight; checkpoints and final/ hold the adapter."""
+    r: int = 16
+    """Rank of the low-rank update B @ A added to each targeted linear layer."""
+    alpha: float = 32.0
+    """Scale of the update: it is multiplied by alpha / r."""
+    dropout: float = 0.05
+    """Dropout on the adapter's input during training."""
+    target_modules: str | list[str] = "all-linear"
+    """Layers that get adapters: all-linear (every linear layer of the transformer blocks, not lm_head) or names
+    such as [q_proj, v_proj]."""
+    dora: bool = False
+    """DoRA: learn a magnitude per output channel as well as the LoRA direction (slower, often a bit better)."""
+    modules_to_save: list[str] | None = None
+    """Modules trained in full and saved with the adapter; null = the embeddings and output head when the chat
+    template added new tokens (their rows would never train otherwise), else none; [] = none."""
+    quantize: str | None = None
+    """null, or nf4 for QLoRA: the frozen base in 4-bit NormalFloat (needs a CUDA GPU and bitsandbytes)."""
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            _fail("lora.r", f"{self.r} must be at least 1")
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):
+            _fail("lora.alpha", f"{self.alpha} must be a positive number")
+        if not 0.0 <= self.dropout < 1.0:
+            _fail("lora.dropout", f"{self.dropout} must be in [0, 1)")
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            self.target_modules = [self.target_modules]  # one module name, not a regular expression
+        names = [] if self.target_modules == "all-linear" else self.target_modules
+        if self.target_modules != "all-linear" and not (names and all(map(str.strip, names))):
+            _fail("lora.target_modules", "must not be empty: all-linear, or module names like [q_proj, v_proj]")
+        if self.quantize is not None and self.quantize not in QUANTIZE:
+            _fail("lora.quantize", f"{self.quantize!r} is not one of null, {', '.join(QUANTIZE)}")
+        if self.quantize and not self.enabled:
+            _fail("lora.quantize", "QLoRA trains LoRA adapters on the quantized base: set lora.enabled=true too")
+        if self.dora and not self.enabled:
+            _fail("lora.dora", "DoRA is a kind of LoRA adapter: set lora.enabled=true too")
+
+
+@dataclass
 class Config:
     """A whole run: model, data, train, and where everything is written."""
 
     model: ModelConfig
     data: DataConfig
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     output_dir: str = "runs/sft"
     """Run directory: config.yaml, metrics.jsonl, tb/, loss.png, checkpoints/, final/."""
 
@@ -226,7 +274,7 @@ class Config:
             raise ConfigError(f"config: expected a mapping of sections, got {type(raw).__name__}")
         _check_keys(raw, _top_level_keys(), "")
         sections = {}
-        for sub in (ModelConfig, DataConfig, TrainConfig):
+        for sub in (ModelConfig, DataConfig, TrainConfig, LoraConfig):
             values = raw.get(sub.section) or {}
             if not isinstance(values, dict):
                 _fail(sub.section, f"expected a mapping, got {values!r}")
@@ -236,7 +284,7 @@ class Config:
 
 
 def _top_level_keys() -> list[str]:
-    return ["model", "data", "train", "output_dir"]
+    return ["model", "data", "train", "lora", "output_dir"]
 
 
 def _check_keys(values: dict[str, Any], known: list[str], prefix: str) -> None:

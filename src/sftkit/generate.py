@@ -2,6 +2,7 @@
 
     sftkit generate --model runs/tiny/final --prompt "What is 2+2?" [--system TEXT] [--max-new-tokens 128]
     sftkit chat --model runs/tiny/final                         # multi-turn, streams tokens; /reset, /exit
+    sftkit generate --model runs/tiny-lora/final --prompt "Hi"  # a LoRA adapter: loaded onto its base
 
 The prompt is the tokenizer's own chat template (`apply_chat_template(add_generation_prompt=True)`)
 encoded with `add_special_tokens=False`, as in training. Generation stops at any of the
@@ -23,6 +24,7 @@ import yaml
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
 
 from sftkit.data.templates import end_of_turn_token_ids
+from sftkit.lora import is_adapter_dir, load_adapter
 from sftkit.model import check_local_dir, load_tokenizer, resolve_device, resolve_dtype
 
 
@@ -38,9 +40,17 @@ class Reply:
 def load_for_generation(
     model_dir: str | Path, *, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A trained model directory (e.g. `output_dir/final`) and its tokenizer, ready for `generate_reply`."""
-    directory = check_local_dir(model_dir, "--model")
+    """A trained model directory (e.g. `output_dir/final`) and its tokenizer, ready for `generate_reply`.
+
+    A LoRA adapter directory (adapter_config.json) is loaded onto its local base model (sftkit.lora).
+    """
     target = resolve_device(device)
+    if is_adapter_dir(model_dir):
+        model, tokenizer = load_adapter(model_dir, device=target, dtype=resolve_dtype(dtype, target))
+        if not tokenizer.chat_template:
+            raise ValueError(f"{model_dir}: the tokenizer has no chat template — was it trained with sftkit?")
+        return model, tokenizer
+    directory = check_local_dir(model_dir, "--model")
     tokenizer = load_tokenizer(directory, trust_remote_code=trust_remote_code)
     if not tokenizer.chat_template:
         raise ValueError(f"{directory}: the tokenizer has no chat template — was it trained with sftkit?")

@@ -74,10 +74,13 @@ def load_model(
     template: str | None = None,
     device: torch.device | None = None,
     path: str | Path | None = None,
+    quantization: Any = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, list[str]]:
     """Tokenizer (with its chat template installed) + model on `device`; returns the newly added tokens.
 
-    `path` overrides `config.path` (resuming from a checkpoint directory).
+    `path` overrides `config.path` (resuming from a checkpoint directory). `quantization` is a transformers
+    quantization config (QLoRA's 4-bit base, see `sftkit.lora`): the weights are quantized as they load
+    straight onto `device`.
     """
     directory = check_local_dir(path or config.path)
     device = device or resolve_device()
@@ -85,6 +88,7 @@ def load_model(
     added = prepare_tokenizer(tokenizer, template)
     if not any(directory.glob("*.safetensors")):
         raise ModelError(f"model.path: {directory} has no *.safetensors weights (sftkit loads safetensors only)")
+    placement = {"quantization_config": quantization, "device_map": str(device)} if quantization else {}
     model = AutoModelForCausalLM.from_pretrained(
         directory,
         local_files_only=True,
@@ -92,10 +96,11 @@ def load_model(
         trust_remote_code=config.trust_remote_code,
         dtype=resolve_dtype(config.dtype, device),
         attn_implementation=config.attn_implementation,
+        **placement,
     )
     if added:
         init_new_token_rows(model, tokenizer, added)
-    return model.to(device), tokenizer, added
+    return (model if quantization else model.to(device)), tokenizer, added
 
 
 def init_new_token_rows(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, added: list[str]) -> list[int]:
@@ -123,9 +128,13 @@ def init_new_token_rows(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; tied weights are counted once."""
+    """(trainable, total) parameter counts; tied weights are counted once, 4-bit weights as unpacked."""
     unique = {p.data_ptr(): p for p in model.parameters()}.values()
-    return sum(p.numel() for p in unique if p.requires_grad), sum(p.numel() for p in unique)
+
+    def numel(p: torch.nn.Parameter) -> int:
+        return p.numel() * 2 if type(p).__name__ == "Params4bit" else p.numel()  # two 4-bit values per byte
+
+    return sum(numel(p) for p in unique if p.requires_grad), sum(numel(p) for p in unique)
 
 
 def tiny_config(

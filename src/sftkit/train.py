@@ -34,6 +34,7 @@ from sftkit.data.dataset import Split, collate, load_splits, prompt_of, steps_pe
 from sftkit.data.render import IGNORE_INDEX, Renderer, Tokenized
 from sftkit.data.templates import end_of_turn_token_ids
 from sftkit.generate import generate_reply
+from sftkit.lora import setup_lora_model
 from sftkit.model import count_parameters, load_model, resolve_device
 
 
@@ -46,7 +47,12 @@ def seed_everything(seed: int) -> None:
 def setup_model(
     config: Config, device: torch.device, resume_from: Path | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, list[str]]:
-    """(model, tokenizer, newly added tokens); from the checkpoint directory when resuming."""
+    """(model, tokenizer, newly added tokens); from the checkpoint directory when resuming.
+
+    With `lora.enabled` the base is frozen and wrapped with PEFT adapters (sftkit.lora).
+    """
+    if config.lora.enabled:
+        return setup_lora_model(config, device, resume_from)
     return load_model(config.model, template=config.data.template, device=device, path=resume_from)
 
 
