@@ -55,6 +55,8 @@ class ModelConfig:
     """auto | float32 | bfloat16 | float16; auto = bfloat16 on CUDA, float32 on CPU."""
     trust_remote_code: bool = False
     """Run Python code shipped inside the model directory. Off unless you trust that directory."""
+    allow_pickle: bool = False
+    """Also load pickled weights (pytorch_model.bin), which can run code when unpickled; off = safetensors only."""
     attn_implementation: str = "sdpa"
     """Attention kernel passed to transformers: sdpa | eager | flash_attention_2 | ..."""
 
@@ -161,7 +163,12 @@ class TrainConfig:
     save_every: int = 0
     """Write a resumable checkpoint every N steps; 0 = only the final model."""
     resume: bool = False
-    """Continue from the latest complete checkpoint in output_dir/checkpoints."""
+    """Continue from the latest complete checkpoint in output_dir/checkpoints (damaged ones are skipped)."""
+    keep_checkpoints: int | None = 3
+    """Keep only the newest N checkpoints (older ones are deleted once a new one is safely written); null = all."""
+    on_nan: str = "stop"
+    """A NaN/inf loss or gradient norm: stop (name the step, its records and the last good checkpoint) | skip
+    (zero the gradients, no optimizer step for that batch; counted and reported)."""
     sample_prompt: str | None = None
     """Prompt for the sample generated at each eval; default: the first eval example's prompt."""
     sample_max_new_tokens: int = 64
@@ -192,6 +199,10 @@ class TrainConfig:
         for name in ("eval_every", "save_every"):
             if getattr(self, name) < 0:
                 _fail(f"train.{name}", f"{getattr(self, name)} must be >= 0")
+        if self.keep_checkpoints is not None and self.keep_checkpoints < 1:
+            _fail("train.keep_checkpoints", f"{self.keep_checkpoints} must be at least 1 (or null to keep all)")
+        if self.on_nan not in ("stop", "skip"):
+            _fail("train.on_nan", f"{self.on_nan!r} is not one of stop, skip")
 
     def total_steps(self, steps_per_epoch: int) -> int:
         """Optimizer steps of the whole run."""
@@ -372,7 +383,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         key = key.strip()
         if not sep or not key:
             raise ConfigError(f"{item!r}: an override reads key=value, e.g. train.lr=1e-5")
-        value = yaml.safe_load(text) if text.strip() else None
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{key}: the value {text!r} is not valid YAML ({err.__class__.__name__})") from None
         parts = key.split(".")
         node = raw
         for depth, part in enumerate(parts[:-1]):

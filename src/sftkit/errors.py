@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from sftkit.checkpoint import UnsafePathError
 from sftkit.config import ConfigError
 from sftkit.data.messages import DataError
 from sftkit.data.render import RenderError
 from sftkit.data.templates import TemplateError
+from sftkit.faults import NumericalFault
 from sftkit.model import ModelError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError, DataError, ModelError, RenderError, TemplateError, FileNotFoundError, OSError,
+    NumericalFault, UnsafePathError,
 )

@@ -5,7 +5,8 @@
     sftkit generate --model runs/tiny-lora/final --prompt "Hi"  # a LoRA adapter: loaded onto its base
 
 The prompt is the tokenizer's own chat template (`apply_chat_template(add_generation_prompt=True)`)
-encoded with `add_special_tokens=False`, as in training. Generation stops at any of the
+encoded with `add_special_tokens=False`, as in training; control tokens a user types (`<|im_end|>`)
+are encoded as text (`sanitize_control_tokens=True`), as in training. Generation stops at any of the
 generation config's EOS ids plus the template's end-of-turn token(s). Greedy unless `--temperature`.
 Template variables the run trained with (`data.template_kwargs`, e.g. a date) are read back from
 the `sftkit_config.yaml` that `sftkit train` writes into `final/`.
@@ -81,11 +82,14 @@ def stop_ids(
 def encode_prompt(
     tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]], template_kwargs: dict | None = None
 ) -> list[int]:
-    """Template text with the assistant header appended, tokenized without extra special tokens."""
-    text = tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True, **(template_kwargs or {})
+    """Template with the assistant header appended, tokenized as in training: no extra special tokens, and
+    control tokens that users write in their messages encoded as text, never as control tokens
+    (`sanitize_control_tokens`, the rule `sftkit.data.control` applies to training data)."""
+    encoded = tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, add_generation_prompt=True, sanitize_control_tokens=True,
+        **(template_kwargs or {}),
     )
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return list(encoded["input_ids"])
 
 
 @torch.no_grad()

@@ -4,10 +4,11 @@
     sftkit model tiny --config ../shared/data/configs/qwen2.json \\
         --tokenizer ../shared/data/tokenizers/qwen2.5 --out runs/tiny-qwen2   # save_tiny_model()
 
-sftkit reads local directories only (`local_files_only=True`, safetensors weights, no remote code
-unless `model.trust_remote_code: true`). When the chat template brings new control tokens, the
-embedding matrix (and an untied output head) grows and the new rows start at the mean of the
-existing rows, so the new tokens begin as an "average" token instead of noise.
+sftkit reads local directories only (`local_files_only=True`, safetensors weights unless
+`model.allow_pickle: true`, no remote code unless `model.trust_remote_code: true`). When the chat
+template brings new control tokens, the embedding matrix (and an untied output head) grows and the
+new rows start at the mean of the existing rows, so the new tokens begin as an "average" token
+instead of noise.
 """
 
 from __future__ import annotations
@@ -86,13 +87,14 @@ def load_model(
     device = device or resolve_device()
     tokenizer = load_tokenizer(directory, trust_remote_code=config.trust_remote_code)
     added = prepare_tokenizer(tokenizer, template)
-    if not any(directory.glob("*.safetensors")):
-        raise ModelError(f"model.path: {directory} has no *.safetensors weights (sftkit loads safetensors only)")
+    if not any(directory.glob("*.safetensors")) and not config.allow_pickle:
+        raise ModelError(f"model.path: {directory} has no *.safetensors weights (sftkit loads safetensors only; "
+                         "model.allow_pickle=true also loads pickled .bin weights, which can run code)")
     placement = {"quantization_config": quantization, "device_map": str(device)} if quantization else {}
     model = AutoModelForCausalLM.from_pretrained(
         directory,
         local_files_only=True,
-        use_safetensors=True,
+        use_safetensors=True if not config.allow_pickle else None,
         trust_remote_code=config.trust_remote_code,
         dtype=resolve_dtype(config.dtype, device),
         attn_implementation=config.attn_implementation,

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, modeling_utils
 
+from sftkit import faults
 from sftkit.checkpoint import latest_checkpoint, load_training_state, save_checkpoint, save_final
 from sftkit.config import Config, TrainConfig
 from sftkit.data.dataset import Split, collate, load_splits, prompt_of, steps_per_epoch, trained_token_count, window
@@ -231,9 +232,17 @@ def preflight(model: PreTrainedModel, examples: list[Tokenized], config: TrainCo
 
 
 def train(config: Config) -> Path:
-    """Run the whole fine-tuning job described by `config`; return the `final/` directory."""
+    """Run the whole fine-tuning job described by `config`; return the `final/` directory.
+
+    SIGINT / SIGTERM stop it at the end of the optimizer step, after a checkpoint (sftkit.faults).
+    """
+    with faults.StopSignals() as stop:
+        return _train(config, stop)
+
+
+def _train(config: Config, stop: faults.StopSignals) -> Path:
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    faults.check_output_dir(out)  # an unwritable output_dir fails now, not at the first checkpoint
     tc = config.train
     seed_everything(tc.seed)
     device = resolve_device(tc.device)
@@ -249,13 +258,17 @@ def train(config: Config) -> Path:
     per_epoch = steps_per_epoch(len(examples), tc.batch_size, tc.grad_accum)
     total = tc.total_steps(per_epoch)
     optimizer, scheduler = setup_optimizer(model, tc, total)
+    if disk_warning := faults.low_disk_warning(out, model, tc, total):
+        print(disk_warning)
     config.dump(out / "config.yaml")
     log = RunLog(out)
 
     step, tokens_seen = 0, 0
+    guard, last_saved, carried = faults.NanGuard(tc.on_nan), resume_from, {"loss": 0.0, "trained": 0, "inputs": 0}
     if resume_from is not None:
         state = load_training_state(resume_from, optimizer, scheduler, log.metrics_file)
         step, tokens_seen = state["step"], state["tokens"]
+        guard.skipped, carried = state.get("nan_skipped", []), state.get("interval", carried)
         if state["data"]["steps_per_epoch"] != per_epoch:
             print(f"warning: the data changed since {resume_from} ({state['data']['steps_per_epoch']} steps per "
                   f"epoch then, {per_epoch} now): the resumed run will not see the batches it would have")
@@ -271,17 +284,20 @@ def train(config: Config) -> Path:
 
     model.train()
     bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True)
-    interval = {"loss": 0.0, "trained": 0, "inputs": 0, "start": time.perf_counter()}
+    interval = {**carried, "start": time.perf_counter()}  # a resumed run goes on with its logging interval
     while step < total:
         # one optimizer step = one window of grad_accum micro-batches, loss averaged over its trained tokens
         epoch, micro = window(len(examples), step, batch_size=tc.batch_size, grad_accum=tc.grad_accum, seed=tc.seed)
         batches = [collate([examples[i] for i in ids], pad_id) for ids in micro]
         loss_sum, n_trained = backward_window(model, batches)
+        grad_norm = faults.gradient_norm(model.parameters(), tc.max_grad_norm)  # clips when max_grad_norm is set
+        sources = [examples[i].source for ids in micro for i in ids]
+        if guard.check(step + 1, loss_sum, grad_norm, sources, last_saved, out):  # NaN/inf: stop, or skip
+            optimizer.step()
+        else:  # train.on_nan=skip: the batch trains nothing; the schedule and the data order go on
+            loss_sum, n_trained = 0.0, 0
         interval["loss"] += loss_sum
         interval["inputs"] += sum(int(b["attention_mask"].sum()) for b in batches)
-        if tc.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
-        optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -307,19 +323,29 @@ def train(config: Config) -> Path:
                                        template_kwargs=config.data.template_kwargs)
                 record["sample"] = reply.text
                 tqdm.write(f"[step {step}] sample: {reply.text!r}{'' if reply.stopped else ' (no end of turn)'}")
+            if guard.skipped:
+                record["nan_skipped"] = len(guard.skipped)
             log.write(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                             tok_s=f"{record['input_tokens_per_s']:.0f}")
             interval = {"loss": 0.0, "trained": 0, "inputs": 0, "start": time.perf_counter()}
 
-        if tc.save_every and step % tc.save_every == 0 and step < total:
+        if step < total and ((tc.save_every and step % tc.save_every == 0) or stop.requested):
             next_epoch, next_window = divmod(step, per_epoch)  # data position: where step+1 reads from
             state = {"step": step, "epoch": epoch, "tokens": tokens_seen, "data": {
-                "seed": tc.seed, "steps_per_epoch": per_epoch, "epoch": next_epoch, "window": next_window}}
-            path = save_checkpoint(out, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
-                                   config=config, eos_ids=eos_ids, state=state, metrics_file=log.metrics_file)
-            tqdm.write(f"[step {step}] checkpoint {path}")
+                "seed": tc.seed, "steps_per_epoch": per_epoch, "epoch": next_epoch, "window": next_window,
+                "micro_batch": 0},  # saved between optimizer steps: the next window starts at its first micro-batch
+                "interval": {k: interval[k] for k in ("loss", "trained", "inputs")}, "nan_skipped": guard.skipped}
+            last_saved = save_checkpoint(out, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                                         scheduler=scheduler, config=config, eos_ids=eos_ids, state=state,
+                                         metrics_file=log.metrics_file, keep=tc.keep_checkpoints)
+            tqdm.write(f"[step {step}] checkpoint {last_saved}")
+        if stop.requested and step < total:
+            bar.close()
+            faults.stop_training(stop, step, last_saved, out)
     bar.close()
+    if skipped := guard.summary():
+        print(skipped)
 
     final = save_final(out, model, tokenizer, eos_ids, config)
     print(f"final model {final}\nloss curve  {log.close()}")

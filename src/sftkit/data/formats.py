@@ -239,8 +239,8 @@ def _tools(row: Mapping[str, Any], source: str) -> list[dict[str, Any]] | None:
             return None
         try:
             tools = json.loads(tools)
-        except json.JSONDecodeError as err:
-            raise DataError(source, f"bad tools: not JSON ({err.msg})", "tools") from None
+        except (ValueError, RecursionError) as err:
+            raise DataError(source, f"bad tools: not JSON ({_json_problem(err)})", "tools") from None
     if not tools:
         return None
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
@@ -253,10 +253,17 @@ def _arguments(value: Any) -> Any:
     if isinstance(value, str):
         try:
             parsed = json.loads(value)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             return value
         return parsed if isinstance(parsed, dict) else value
     return value
+
+
+def _json_problem(err: ValueError | RecursionError) -> str:
+    """What json.loads disliked: its message, or the limit it hit (deep nesting, a huge number)."""
+    if isinstance(err, json.JSONDecodeError):
+        return err.msg
+    return "nested too deeply" if isinstance(err, RecursionError) else str(err).split(":")[0]
 
 
 def _extra(turn: Mapping[str, Any], known: tuple[str, ...], source: str,
@@ -264,8 +271,18 @@ def _extra(turn: Mapping[str, Any], known: tuple[str, ...], source: str,
     extra = {key: value for key, value in turn.items() if key not in known and value is not None}
     if "tool_calls" in extra:
         calls = _typed(extra["tool_calls"], list, source, f"{field_name}.tool_calls")
+        for i, call in enumerate(calls):
+            _check_tool_call(call, source, f"{field_name}.tool_calls[{i}]")
         extra["tool_calls"] = [_with_parsed_arguments(call) for call in calls]
     return extra
+
+
+def _check_tool_call(call: Any, source: str, field_name: str) -> None:
+    """A tool call is {"function": {"name": str, "arguments": ...}} (OpenAI) or {"name": str, ...}."""
+    function = call.get("function", call) if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise DataError(source, "bad tool call: expected an object with a string function name", field_name,
+                        hint='e.g. {"type": "function", "function": {"name": "f", "arguments": {...}}}')
 
 
 def _with_parsed_arguments(call: Any) -> Any:
@@ -306,8 +323,8 @@ def _tool_call(value: Any, source: str, field_name: str, extra: dict[str, Any]) 
     hint = 'expected {"name": ..., "arguments": {...}} (or a list of them)'
     try:
         call = json.loads(_text(value, source, field_name))
-    except json.JSONDecodeError as err:
-        raise DataError(source, f"bad tool call: not JSON ({err.msg})", field_name, hint) from None
+    except (ValueError, RecursionError) as err:
+        raise DataError(source, f"bad tool call: not JSON ({_json_problem(err)})", field_name, hint) from None
     calls = call if isinstance(call, list) else [call]
     if not calls or not all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in calls):
         raise DataError(source, "bad tool call: no function name", field_name, hint)

@@ -123,9 +123,12 @@ class Renderer:
         plans: list[_Plan | DataError] = []
         for record in records:
             try:
-                plans.append(self._plan(record))
+                plans.append(_encodable(self._plan(record)))
             except DataError as err:
                 plans.append(err)
+            except RecursionError:  # e.g. tool arguments nested hundreds of levels deep
+                plans.append(DataError(getattr(record, "source", "<unknown>"), "too deeply nested: the record "
+                                       "cannot be rendered", hint="flatten its nested fields"))
         ready = [p for p in plans if isinstance(p, _Plan)]
         encoded = iter(self._tokenize(ready))
         return [p if isinstance(p, DataError) else self._finish(p, next(encoded)) for p in plans]
@@ -147,6 +150,12 @@ class Renderer:
                 f"chat template rejected the conversation: {err}",
                 hint="this template constrains roles (e.g. strict user/assistant alternation, no system turn); "
                 "fix the record or choose another template",
+            ) from None
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as err:  # data the template cannot use
+            raise DataError(
+                chat.source,
+                f"chat template failed on the conversation: {type(err).__name__}: {err}",
+                hint="a field has a type the template does not expect (tool_calls, tools, extra message keys)",
             ) from None
 
     def _plan(self, record: Record) -> _Plan:
@@ -200,9 +209,10 @@ class Renderer:
     @staticmethod
     def _check_tool_calls(chat: _Chat, i: int, reply: str) -> None:
         """A template without tool support renders a tool call as an empty reply: refuse to train that."""
-        calls = chat.messages[i].get("tool_calls") or []
-        names = [c.get("function", {}).get("name") or c.get("name") for c in calls if isinstance(c, dict)]
-        missing = [n for n in names if n and n not in reply]
+        calls = chat.messages[i].get("tool_calls")
+        calls = [c for c in calls if isinstance(c, dict)] if isinstance(calls, list) else []
+        functions = [c["function"] if isinstance(c.get("function"), dict) else c for c in calls]
+        missing = [n for f in functions if isinstance(n := f.get("name"), str) and n and n not in reply]
         if missing:
             raise DataError(
                 chat.source,
@@ -296,6 +306,16 @@ class RenderReport:
         if self.warnings:
             lines.append("notes: " + ", ".join(f"{kind}={n}" for kind, n in sorted(self.warnings.items())))
         return "\n".join(lines)
+
+
+def _encodable(plan: _Plan) -> _Plan:
+    """The plan, if its text is valid Unicode: tokenizers cannot take unpaired surrogates ("\\ud800" in JSON)."""
+    try:
+        plan.text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise DataError(plan.source, f"invalid text: unpaired surrogate {plan.text[err.start]!r} is not Unicode",
+                        hint="remove or fix the broken escape in the record") from None
+    return plan
 
 
 class RenderError(ValueError):

@@ -134,7 +134,17 @@ def _read_jsonl(path: Path) -> Iterator[RowOrError]:
                 yield source, DataError(source, f"bad JSON: {err.msg} (column {err.colno})",
                                         hint="each line must be one complete JSON object")
                 continue
+            except (ValueError, RecursionError) as err:
+                yield source, _beyond_limits(source, err)
+                continue
             yield source, _object_or_error(source, value)
+
+
+def _beyond_limits(source: str, err: ValueError | RecursionError) -> DataError:
+    """Valid JSON that Python will not decode: nested too deeply, or a number of thousands of digits."""
+    if isinstance(err, RecursionError):
+        return DataError(source, "bad JSON: nested too deeply to read", hint="flatten the record")
+    return DataError(source, f"bad JSON: {str(err).split(':')[0]}", hint="write huge numbers as strings")
 
 
 def _read_json(path: Path) -> Iterator[RowOrError]:
@@ -149,6 +159,8 @@ def _read_json(path: Path) -> Iterator[RowOrError]:
         hint = "a .json file holds one JSON document; for one object per line name it .jsonl"
         raise DataError(f"{path}:{err.lineno}", f"bad JSON: {err.msg} (column {err.colno})",
                         hint=hint) from None
+    except (ValueError, RecursionError) as err:
+        raise _beyond_limits(str(path), err) from None
     rows = document if isinstance(document, list) else [document]
     return ((f"{path}:#{index}", _object_or_error(f"{path}:#{index}", value))
             for index, value in enumerate(rows))
@@ -169,7 +181,7 @@ def _read_arrow(path: Path) -> Iterator[RowOrError]:
             for row in batch.to_pylist():
                 yield f"{path}:#{index}", row
                 index += 1
-    except (pa.ArrowException, OSError) as err:
+    except (pa.ArrowException, OSError, ValueError) as err:  # ValueError: e.g. invalid UTF-8 in a damaged page
         raise DataError(str(path), f"unreadable {path.suffix[1:]} file: {err}") from None
 
 
