@@ -313,3 +313,21 @@ def test_sanitized_sentencepiece_matches_transformers(family: str) -> None:
     assert example.input_ids == expected
     trained = [t for t in example.labels if t != IGNORE_INDEX]
     assert trained[-1] in end_of_turn_token_ids(tokenizer)
+
+
+def test_parallel_rendering_counts_dropped_and_invalid_records() -> None:
+    """Errors cross the process boundary (a DataError that cannot be pickled used to hang the pool)."""
+    import pickle
+
+    from sftkit.data.sources import DataFileError
+
+    err = DataError("f.jsonl:3", "empty reply: nothing to train", "messages[1].content", "fix it")
+    again = pickle.loads(pickle.dumps(err))
+    assert str(again) == str(err) and again.kind == "empty reply"
+    file_err = DataFileError("f.jsonl", [err], count=1, rows=3, stopped=False)
+    assert str(pickle.loads(pickle.dumps(file_err))) == str(file_err)
+    tokenizer = load("qwen2.5")
+    long = [Conversation([Message("user", "word " * 200), Message("assistant", "ok")], f"f:{i}") for i in range(300)]
+    short = [Conversation([Message("user", "q"), Message("assistant", "a")], f"g:{i}") for i in range(300)]
+    report = render_records(long + short, Renderer(tokenizer, max_length=64), num_proc=2)
+    assert report.dropped == {"truncated": 300} and len(report.examples) == 300

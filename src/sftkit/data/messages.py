@@ -69,6 +69,10 @@ class DataError(ValueError):
             text += f" — {hint}"
         super().__init__(text)
 
+    def __reduce__(self) -> tuple:
+        """Rebuild from the same arguments, so errors cross process boundaries (render num_proc > 1)."""
+        return (self.__class__, (self.source, self.problem, self.field_name, self.hint))
+
     @property
     def kind(self) -> str:
         """A short category used to count skipped records ("unknown role", "empty reply", ...)."""

@@ -74,10 +74,14 @@ class DataFileError(DataError):
         scope = f"in the first {rows} rows (stopped at max_errors)" if stopped else f"in {rows} rows"
         what = f"{count} invalid record{'s' if count != 1 else ''} {scope}"
         super().__init__(path, f"invalid records: {what}", hint=SKIP_HINT)
+        self._init_args = (path, errors, count, rows, stopped)
         self.errors = errors
         self.count = count
         listed = "\n".join(f"  {err}" for err in errors)
         self.args = (f"{path}: {what}:\n{listed}\n{SKIP_HINT}",)
+
+    def __reduce__(self) -> tuple:
+        return (self.__class__, self._init_args)
 
 
 def read_rows(path: str | Path) -> Iterator[RowOrError]:
