@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/sftkit demo
+	$(BIN)/sftkit data preview --tokenizer tests/assets/tokenizers/qwen2.5 --data tests/assets/data/chat_messages.jsonl --limit 3
 
 test: setup
 	$(BIN)/python -m pytest -q
