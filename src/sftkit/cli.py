@@ -1,7 +1,7 @@
 """The `sftkit` command: parses arguments and dispatches; the work lives in the modules.
 
     sftkit data preview --tokenizer DIR --data FILE [--format F] [--template NAME]
-                        [--strategy assistant|last|all] [--max-length N] [--json]
+                        [--strategy assistant|last|all] [--max-length N] [--json] [--pack]
     sftkit data inspect FILE [--tokenizer DIR] [--template NAME] [--max-length N] [--report DIR]
     sftkit data clean FILE --out FILE [--near-dup-threshold 0.85] [--min-reply-chars N]
                       [--tokenizer DIR --max-tokens N] [--drop-pattern REGEX ...] [--drop-refusals]
@@ -40,6 +40,8 @@ def _add_data_preview(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--strategy", default="assistant", choices=["assistant", "last", "all"])
     p.add_argument("--max-length", type=int)
     p.add_argument("--json", action="store_true", help="one {input_ids, labels} object per example, input order")
+    p.add_argument("--pack", action="store_true",
+                   help="show packed rows (best-fit decreasing to --max-length); --json adds position_ids")
     p.add_argument("--limit", type=int, default=3, help="examples to print in human mode (default 3)")
     p.add_argument("--skip-invalid", action="store_true", help="skip invalid records and count them")
     p.add_argument("--num-proc", type=int, default=1, help="processes for rendering")
@@ -51,6 +53,8 @@ def _run_data_preview(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from sftkit.data.pipeline import build_examples
+    from sftkit.config import ConfigError
+    from sftkit.data.pack import packed_rows
     from sftkit.data.preview import print_example, write_json
     from sftkit.data.templates import prepare_tokenizer
 
@@ -67,12 +71,18 @@ def _run_data_preview(args: argparse.Namespace) -> int:
         num_proc=args.num_proc,
     )
     assert report.render is not None
+    if args.pack:
+        if not args.max_length:
+            raise ConfigError("--pack: needs --max-length (the length of a packed row)")
+        examples, positions = packed_rows(report.render.examples, args.max_length)
+    else:
+        examples, positions = report.render.examples, [None] * len(report.render.examples)
     if args.json:
-        for example in report.render.examples:
-            write_json(example, sys.stdout)
+        for example, position_ids in zip(examples, positions):
+            write_json(example, sys.stdout, position_ids=position_ids)
     else:
         colour = sys.stdout.isatty() and not args.no_colour
-        for example in report.render.examples[: args.limit]:
+        for example in examples[: args.limit]:
             print_example(example, tokenizer, sys.stdout, colour)
         if added:
             print(f"template added {len(added)} special tokens: {' '.join(added)}")

@@ -14,7 +14,6 @@ the same gradient as 1 batch of 8.
 from __future__ import annotations
 
 import functools
-import inspect
 import json
 import math
 import random
@@ -24,17 +23,18 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, modeling_utils
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sftkit import faults
+from sftkit.attention import use_document_attention
 from sftkit.checkpoint import latest_checkpoint, load_training_state, save_checkpoint, save_final
 from sftkit.config import Config, TrainConfig
-from sftkit.data.dataset import Split, collate, load_splits, prompt_of, steps_per_epoch, trained_token_count, window
-from sftkit.data.render import IGNORE_INDEX, Renderer, Tokenized
+from sftkit.data.dataset import Batcher, Split, collate, load_splits, prompt_of, trained_token_count
+from sftkit.data.render import Renderer, Tokenized
 from sftkit.data.templates import end_of_turn_token_ids
 from sftkit.generate import generate_reply
+from sftkit.loss import token_loss_sum
 from sftkit.lora import setup_lora_model
 from sftkit.model import count_parameters, load_model, resolve_device
 
@@ -55,6 +55,21 @@ def setup_model(
     if config.lora.enabled:
         return setup_lora_model(config, device, resume_from)
     return load_model(config.model, template=config.data.template, device=device, path=resume_from)
+
+
+def setup_speed(model: PreTrainedModel, config: Config) -> None:
+    """Attention per document for packed rows on CPU (sftkit.attention), `train.gradient_checkpointing` and
+    `train.compile`, all in place (parameter names stay the same)."""
+    train = config.train
+    if config.data.packing or config.data.padding_free:
+        use_document_attention(model)
+    if train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if train.compile:  # each decoder layer: the loss path and the Python loop stay eager
+        layer_types = set(getattr(model, "_no_split_modules", None) or [])
+        for module in model.modules():
+            if type(module).__name__ in layer_types:
+                module.compile(dynamic=True)
 
 
 def setup_data(config: Config, tokenizer: PreTrainedTokenizerBase) -> tuple[Split, Split]:
@@ -83,34 +98,6 @@ def setup_optimizer(
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=train.lr, betas=(0.9, 0.95), fused=fused)
     schedule = functools.partial(lr_factor, warmup=train.warmup_steps(total_steps), total=total_steps)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-
-
-def token_loss_sum(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of next-token cross-entropies over the trained positions (labels != -100 after the shift).
-
-    Logits are computed only where loss is taken (`logits_to_keep`): with a 150k vocabulary, the
-    output projection of prompt and padding positions would be most of the compute and memory.
-    """
-    labels = batch["labels"][:, 1:]  # position t predicts the token at t + 1
-    trained = F.pad(labels != IGNORE_INDEX, (0, 1))  # (batch, length): positions whose prediction is trained
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
-    keeps = _logits_to_keep_kind(model)
-    if keeps == "mask":  # transformers 5: logits of the True positions only, flattened in row order
-        logits = model(**inputs, logits_to_keep=trained).logits
-    elif keeps == "positions":  # older: the same positions for every row
-        columns = trained.any(dim=0).nonzero().squeeze(1)
-        logits = model(**inputs, logits_to_keep=columns).logits[trained[:, columns]]
-    else:
-        logits = model(**inputs).logits[trained]
-    return F.cross_entropy(logits.float(), labels[labels != IGNORE_INDEX], reduction="sum")
-
-
-def _logits_to_keep_kind(model: torch.nn.Module) -> str:
-    """How `model` can skip logits: "mask" (per-row boolean), "positions" (shared columns) or "none"."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
-        return "none"
-    return "mask" if hasattr(modeling_utils, "slice_logits_to_keep") else "positions"
 
 
 def backward_window(model: PreTrainedModel, batches: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
@@ -251,11 +238,13 @@ def _train(config: Config, stop: faults.StopSignals) -> Path:
         print(f"train.resume: no complete checkpoint under {out / 'checkpoints'}; starting from step 0")
 
     model, tokenizer, added = setup_model(config, device, resume_from)
+    setup_speed(model, config)
     train_split, eval_split = setup_data(config, tokenizer)
     examples = train_split.examples
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_ids = end_of_turn_token_ids(tokenizer, config.data.template_kwargs)
-    per_epoch = steps_per_epoch(len(examples), tc.batch_size, tc.grad_accum)
+    batcher = Batcher.from_config(examples, pad_id, config.data, tc)  # padded, grouped, padding-free or packed
+    per_epoch = batcher.steps_per_epoch()
     total = tc.total_steps(per_epoch)
     optimizer, scheduler = setup_optimizer(model, tc, total)
     if disk_warning := faults.low_disk_warning(out, model, tc, total):
@@ -276,6 +265,8 @@ def _train(config: Config, stop: faults.StopSignals) -> Path:
     else:
         log.metrics_file.unlink(missing_ok=True)
     print(summary(config, train_split, eval_split, model, added, per_epoch, total))
+    if batching := batcher.summary():
+        print(batching)
     eval_examples = eval_split.examples or examples[: tc.batch_size * 2]
     print(f"pre-flight  loss {preflight(model, eval_examples, tc, pad_id):.4f} on up to 2 batches")
     sample = [{"role": "user", "content": tc.sample_prompt}] if tc.sample_prompt else next(
@@ -287,8 +278,8 @@ def _train(config: Config, stop: faults.StopSignals) -> Path:
     interval = {**carried, "start": time.perf_counter()}  # a resumed run goes on with its logging interval
     while step < total:
         # one optimizer step = one window of grad_accum micro-batches, loss averaged over its trained tokens
-        epoch, micro = window(len(examples), step, batch_size=tc.batch_size, grad_accum=tc.grad_accum, seed=tc.seed)
-        batches = [collate([examples[i] for i in ids], pad_id) for ids in micro]
+        epoch, micro = batcher.window(step)  # micro-batches of example indices
+        batches = [batcher.collate(ids) for ids in micro]
         loss_sum, n_trained = backward_window(model, batches)
         grad_norm = faults.gradient_norm(model.parameters(), tc.max_grad_norm)  # clips when max_grad_norm is set
         sources = [examples[i].source for ids in micro for i in ids]

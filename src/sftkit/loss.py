@@ -1,0 +1,229 @@
+"""Lean causal-LM loss: logits only for trained positions, a chunk at a time, never all of them.
+
+    sftkit train configs/tiny-cpu.yaml     # sftkit.train.backward_window -> token_loss_sum
+
+    decoder(input_ids) -> hidden (batch, length, d)
+      keep the positions whose next token is trained     -> h (n_trained, d)
+      for each chunk of C rows of h:  logits = h_c @ W.T (C, vocab, fp32) -> cross-entropy sum
+                                      and, while the chunk's logits exist, its gradients
+      loss = sum over chunks; backward only scales the gradients kept from the forward
+
+With a 150k vocabulary the output projection is most of a small model's compute and, as fp32
+logits for every position, its peak memory: 8 x 2048 positions x 151,936 x 4 bytes = 10 GB. Here
+prompt and padding positions never reach the head, and at most `chunk` rows of logits exist at
+a time. The gradients of a chunk are computed in the forward (softmax minus one-hot is all the
+backward needs), so nothing is recomputed and no chunk's logits are kept for the backward.
+
+Three paths, chosen per model (`head_kind`):
+  fused    a plain `nn.Linear` head without logit scaling: `_LinearCrossEntropy` below, or Liger's
+           fused kernel on CUDA when `liger-kernel` is installed (untested here: no GPU).
+  module   any other head (a PEFT wrapper, ...): the same chunks through the module, each under
+           `torch.utils.checkpoint` so its logits are recomputed instead of kept.
+  model    configs that scale or soft-cap logits (Gemma 2, Cohere, Granite, ...): the model's own
+           forward with `logits_to_keep` = the trained positions, so its own logit transform applies.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import itertools
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel, modeling_utils
+
+from sftkit.attention import NAME as DOCUMENTS
+from sftkit.config import ConfigError
+from sftkit.data.pack import block_causal_mask, sequence_lengths
+from sftkit.data.render import IGNORE_INDEX
+
+CHUNK_ELEMENTS = 2**25  # fp32 logits per chunk: 128 MB (4,096 rows of an 8k vocabulary, 220 of Qwen's 152k)
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                    "logits_scaling")
+
+
+def token_loss_sum(model: PreTrainedModel, batch: dict[str, torch.Tensor], chunk: int | None = None) -> torch.Tensor:
+    """Sum of next-token cross-entropies over the trained positions (labels != -100 after the shift)."""
+    labels = batch["labels"][:, 1:]  # position t predicts the token at t + 1
+    trained = F.pad(labels != IGNORE_INDEX, (0, 1))  # (batch, length): positions whose prediction is trained
+    targets = labels[labels != IGNORE_INDEX]
+    inputs = model_inputs(model, batch)
+    kind = head_kind(model)
+    if kind == "model":
+        return F.cross_entropy(_model_logits(model, inputs, trained).float(), targets, reduction="sum")
+    base = _base(model)
+    hidden = base.base_model(**inputs).last_hidden_state
+    hidden = hidden.reshape(trained.shape + hidden.shape[-1:])[trained]  # flattened rows come back as one
+    head = base.get_output_embeddings()
+    chunk = chunk or max(1, CHUNK_ELEMENTS // base.config.get_text_config().vocab_size)
+    if kind == "module":
+        return _module_cross_entropy(head, hidden, targets, chunk)
+    if hidden.is_cuda and _liger_loss() is not None:
+        loss = _liger_loss()(head.weight, hidden, targets, head.bias)
+        return loss[0] if isinstance(loss, tuple) else loss  # newer versions may return (loss, z_loss)
+    return linear_cross_entropy(hidden, head.weight, head.bias, targets, chunk)
+
+
+def model_inputs(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Keyword arguments for the decoder: padded batches as they are, packed ones kept apart.
+
+    Right-padded batches (sftkit's `collate`) need no padding mask: under causal attention no real
+    token sees a later pad, so sdpa runs its cheaper `is_causal` kernel. A batch with
+    `document_ids` (packed or padding-free, `sftkit.data.pack`) gets `position_ids` that restart
+    per document and one of: document boundaries for `document_sdpa` and flash-attention (the rows
+    flattened into one), or an explicit block-diagonal mask (boolean for sdpa, additive for eager).
+    The cache is always off: a cache disables transformers' own packed-sequence handling.
+    """
+    inputs: dict[str, Any] = {"input_ids": batch["input_ids"], "use_cache": False}
+    if "document_ids" not in batch:
+        mask = batch["attention_mask"]
+        if not bool((mask[:, :-1] >= mask[:, 1:]).all()):  # not right-padded: the mask is needed
+            inputs["attention_mask"] = mask
+        return inputs
+    attention = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    if attention == DOCUMENTS or "flash" in attention:
+        bounds = [0, *itertools.accumulate(sequence_lengths(batch["document_ids"]))]
+        inputs.update(input_ids=batch["input_ids"].reshape(1, -1), position_ids=batch["position_ids"].reshape(1, -1))
+        if attention == DOCUMENTS:  # a 4-D mask passes through transformers untouched; document_sdpa ignores it
+            placeholder = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=batch["input_ids"].device)
+            inputs.update(cu_seq_lens_q=bounds, attention_mask=placeholder)
+        else:
+            cumulative = torch.tensor(bounds, dtype=torch.int32, device=batch["input_ids"].device)
+            longest = max(b - a for a, b in zip(bounds, bounds[1:]))
+            inputs.update(cu_seq_lens_q=cumulative, cu_seq_lens_k=cumulative, max_length_q=longest,
+                          max_length_k=longest)
+        return inputs
+    if attention not in ("sdpa", "eager"):
+        raise ConfigError(f"model.attn_implementation: {attention!r} cannot keep packed documents apart; use sdpa, "
+                          "eager or flash_attention_2 with data.packing / data.padding_free")
+    dtype = model.dtype if attention == "eager" else None
+    inputs.update(position_ids=batch["position_ids"], attention_mask=block_causal_mask(batch["document_ids"], dtype))
+    return inputs
+
+
+def head_kind(model: PreTrainedModel) -> str:
+    """"fused" (plain linear head), "module" (another head module) or "model" (logits are transformed)."""
+    base = _base(model)
+    config = base.config.get_text_config()
+    if any(getattr(config, name, None) not in (None, 1.0) for name in LOGIT_TRANSFORMS):
+        return "model"
+    head = base.get_output_embeddings()
+    if head is None or base.base_model is base:
+        return "model"
+    return "fused" if type(head) is torch.nn.Linear else "module"
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, chunk: int
+) -> torch.Tensor:
+    """sum_i cross_entropy(hidden_i @ weight.T + bias, targets_i), `chunk` rows of logits at a time."""
+    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if not wants_grad:
+        return _chunked_sum(hidden, weight, bias, targets, chunk, None)
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Chunked linear + cross-entropy whose gradients are made in the forward (loss is a scalar sum)."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grads = {
+            "hidden": torch.empty_like(hidden) if need_hidden else None,
+            "weight": torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None,
+            "bias": torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_bias else None,
+        }
+        loss = _chunked_sum(hidden, weight, bias, targets, chunk, grads)
+        ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in grads.values()))
+        ctx.present = tuple(g is not None for g in grads.values())
+        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        out = [
+            (g * grad_loss).to(dtype) if present else None
+            for g, present, dtype in zip(ctx.saved_tensors, ctx.present, ctx.dtypes)
+        ]
+        return out[0], out[1], out[2], None, None
+
+
+def _chunked_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                 chunk: int, grads: dict[str, torch.Tensor | None] | None) -> torch.Tensor:
+    """The loss sum; with `grads`, also fill d(loss)/d(hidden, weight, bias) chunk by chunk."""
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk):
+        h, t = hidden[start : start + chunk], targets[start : start + chunk]
+        logits = F.linear(h, weight, bias).float()
+        target_logits = logits.gather(1, t[:, None])
+        top = logits.amax(dim=1, keepdim=True)
+        exps = logits.sub_(top).exp_()  # in place: one exp pass serves the loss and the softmax
+        sums = exps.sum(dim=1, keepdim=True)
+        total += (top + sums.log() - target_logits).sum()  # logsumexp - target logit
+        if grads is None:
+            continue
+        d_logits = exps.div_(sums)  # softmax
+        d_logits[torch.arange(len(t), device=t.device), t] -= 1.0  # minus the one-hot target
+        if grads["bias"] is not None:
+            grads["bias"] += d_logits.sum(0)
+        d_logits = d_logits.to(h.dtype)
+        if grads["hidden"] is not None:
+            grads["hidden"][start : start + chunk] = d_logits @ weight
+        if grads["weight"] is not None and h.dtype == torch.float32:
+            grads["weight"].addmm_(d_logits.T, h)
+        elif grads["weight"] is not None:  # bf16 / fp16 products, summed over chunks in fp32
+            grads["weight"] += (d_logits.T @ h).float()
+    return total
+
+
+def _module_cross_entropy(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Chunks through an arbitrary head module, each recomputed in the backward instead of kept."""
+    def chunk_loss(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(head(h).float(), t, reduction="sum")
+
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk):
+        h, t = hidden[start : start + chunk], targets[start : start + chunk]
+        total = total + (checkpoint(chunk_loss, h, t, use_reentrant=False) if torch.is_grad_enabled()
+                         else chunk_loss(h, t))
+    return total
+
+
+def _model_logits(model: PreTrainedModel, inputs: dict[str, Any], trained: torch.Tensor) -> torch.Tensor:
+    """Logits of the trained positions from the model's own forward (its own logit transform applies)."""
+    trained = trained.reshape(inputs["input_ids"].shape)  # flash inputs are one flattened row
+    keeps = _logits_to_keep_kind(model)
+    if keeps == "mask":  # transformers 5: logits of the True positions only, flattened in row order
+        return model(**inputs, logits_to_keep=trained).logits
+    if keeps == "positions":  # older: the same positions for every row
+        columns = trained.any(dim=0).nonzero().squeeze(1)
+        return model(**inputs, logits_to_keep=columns).logits[trained[:, columns]]
+    return model(**inputs).logits[trained]
+
+
+def _logits_to_keep_kind(model: torch.nn.Module) -> str:
+    """How `model` can skip logits: "mask" (per-row boolean), "positions" (shared columns) or "none"."""
+    base = _base(model)
+    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+        return "none"
+    return "mask" if hasattr(modeling_utils, "slice_logits_to_keep") else "positions"
+
+
+def _base(model: torch.nn.Module) -> Any:
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@functools.cache
+def _liger_loss() -> Any:
+    """Liger's fused linear cross-entropy (sum over tokens) when `liger-kernel` is installed, else None."""
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        return None
+    return LigerFusedLinearCrossEntropyLoss(reduction="sum")
