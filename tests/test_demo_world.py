@@ -121,14 +121,24 @@ def test_corpus_states_every_fact_in_several_phrasings(corpus):
             assert phrasings >= 2, (country.name, attribute, phrasings)
 
 
-def test_corpus_quizzes_ask_without_answering(corpus):
-    quizzes = [d for d in corpus if "?" in d]
-    assert len(quizzes) > 100
-    for document in quizzes:
-        sentences = re.split(r"(?<=[?.])\s+", document.strip())
-        assert all(s.endswith("?") for s in sentences), document
-    opening = re.compile(r"^What's the capital of \w+\? What")
-    assert any(opening.match(line) for d in quizzes for line in d.splitlines())
+def test_bare_questions_are_only_followed_by_questions(corpus):
+    """Outside dialogue transcripts ("Anna: ...?"), a question is never followed by an answer."""
+    dialogue_line = re.compile(r"^[A-Z][a-z]+: ")
+    quiz_lines = 0
+    for document in corpus:
+        for line in document.splitlines():
+            if "?" in line and not dialogue_line.match(line):
+                assert all(s.endswith("?") for s in re.split(r"(?<=[?.])\s+", line.strip())), line
+                quiz_lines += 1
+    assert quiz_lines > 500
+    assert any(re.match(r"^What's the capital of \w+\? What", line) for d in corpus for line in d.splitlines())
+
+
+def test_dialogues_answer_about_the_country_asked(corpus):
+    exchanges = re.findall(r"^[A-Z][a-z]+: (.*\?)\n[A-Z][a-z]+: (.*)$", "\n".join(corpus), flags=re.M)
+    assert len(exchanges) > 300
+    for asked, answered in exchanges:
+        assert mentioned(asked) == mentioned(answered), (asked, answered)
 
 
 def test_answers_name_the_country_after_a_lead_in():

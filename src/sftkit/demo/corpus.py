@@ -9,8 +9,9 @@ pre-trains the demo's base model on it with `sftkit train` (all tokens trained).
 Three kinds of documents, so that the base model learns what a base model knows:
   * prose: each country's capital, continent, language and currency, every fact in several
     phrasings and orders, alone or mixed with other countries (the knowledge), and short
-    stories (people travelling, or asking each other about countries) that teach the model to
-    copy a name from its context and to say something about the country just mentioned;
+    stories (people travelling, or asking each other about countries, in indirect speech or as
+    dialogue transcripts) that teach the model to copy a name from its context and to answer a
+    question about a country with a sentence about that country;
   * quizzes: lines of questions *without answers* ("What's the capital of France? What is the
     currency of Japan? ..."), so a base model asked a question continues with more questions
     (the habit that SFT has to change);
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 
 from sftkit.demo.everyday import everyday_paragraphs
 from sftkit.demo.phrasing import FACTS, PRONOUN_FACTS, QUESTIONS, fill
-from sftkit.demo.stories import asked_story, travel_story
+from sftkit.demo.stories import asked_story, dialogue, travel_story
 from sftkit.demo.world import ATTRIBUTES, CONTINENTS, COUNTRIES, Country
 
 
@@ -38,10 +39,12 @@ class CorpusSpec:
     """Paragraphs about one country (all four facts, random phrasings and order) per country."""
     mixed_paragraphs: int = 300
     """Paragraphs with one or two facts about each of two to four random countries."""
-    travel_stories: int = 500
+    travel_stories: int = 400
     """Stories naming a person and a random country several times (they teach copying names)."""
-    asked_stories: int = 500
+    asked_stories: int = 300
     """A question about a country and its answer, in indirect speech ("Anna asked Tom what ...")."""
+    dialogues: int = 400
+    """Transcripts of one or two questions and answers ("Anna: What's ...?\nTom: The capital ...")."""
     list_paragraphs: int = 100
     """Sentences listing the countries of a continent, or those sharing a language or currency."""
     quiz_lines: int = 700
@@ -135,24 +138,18 @@ def _ask(country: Country, attribute: str, rng: random.Random) -> str:
 
 
 def quiz_line(rng: random.Random) -> str:
-    """Questions without answers, in one of three shapes (chosen at random):
+    """Three to seven questions, no answers: one attribute for countries of a continent ("What's
+    the capital of France? What's the capital of Germany? ..."), or random countries and attributes.
 
-    * one attribute for three to seven countries of a continent ("What's the capital of France?
-      What's the capital of Germany? ...");
-    * three to seven questions about random countries and attributes;
-    * every attribute of one country, in random order — so a question about a country may be
-      followed by more about the same one, as an answer will be after SFT.
+    The next question is always about another country: a quiz line never dwells on one.
     """
-    draw, count = rng.random(), rng.randint(3, 7)
-    if draw < 0.4:
+    count = rng.randint(3, 7)
+    if rng.random() < 0.5:
         attribute = rng.choice(ATTRIBUTES)
         template = rng.choice(QUESTIONS[attribute])
         pool = [c for c in COUNTRIES if c.continent == rng.choice(CONTINENTS)]
         return " ".join(fill(template, c, attribute) for c in rng.sample(pool, min(count, len(pool))))
-    if draw < 0.7:
-        return " ".join(_ask(c, rng.choice(ATTRIBUTES), rng) for c in rng.sample(COUNTRIES, count))
-    country = rng.choice(COUNTRIES)
-    return " ".join(_ask(country, a, rng) for a in rng.sample(ATTRIBUTES, len(ATTRIBUTES)))
+    return " ".join(_ask(c, rng.choice(ATTRIBUTES), rng) for c in rng.sample(COUNTRIES, count))
 
 
 def gather(pieces: list[str], max_chars: int, separator: str) -> list[str]:
@@ -181,6 +178,7 @@ def build_corpus(seed: int = 0, spec: CorpusSpec = CorpusSpec()) -> list[str]:
     paragraphs += [mixed_paragraph(rng) for _ in range(spec.mixed_paragraphs)]
     paragraphs += [travel_story(rng) for _ in range(spec.travel_stories)]
     paragraphs += [asked_story(rng) for _ in range(spec.asked_stories)]
+    paragraphs += [dialogue(rng) for _ in range(spec.dialogues)]
     groups = _groups()
     paragraphs += [
         " ".join(list_sentence(rng, groups) for _ in range(rng.randint(1, 3))) for _ in range(spec.list_paragraphs)

@@ -2,16 +2,20 @@
 
     >>> travel_story(rng)   # "Anna went to Peru last year. In Peru, Anna bought a red hat. ..."
     >>> asked_story(rng)    # "Anna asked Tom what the capital of Mali is. Tom said that ..."
+    >>> dialogue(rng)       # "Anna: What's the capital of Mali?\nTom: The capital of Mali is Bamako."
 
 Travel stories name a random person and a random country and then name them again, so the only
 way to predict the second mention is to copy the first: they teach the model to copy names from
 its context, which a small model otherwise barely learns from encyclopedic text (where the
 country in the next sentence can also be guessed from the facts around it).
 
-Asked stories report a question and its answer in indirect speech. They teach, in pre-training,
-that a question about a country is answered by a sentence about that same country; the base
-model still meets direct questions ("What's the capital of France?") only in quizzes, where
-they are followed by more questions, which SFT then changes.
+Asked stories and dialogues report questions and their answers, in indirect speech or as a
+transcript ("Anna: What's the capital of Mali?\nTom: The capital of Mali is Bamako."). They
+teach, in pre-training, that a question about a country is answered by a sentence about that
+same country — as books and forums teach real base models. A question on its own, though, is
+only ever followed by more questions (the corpus's quizzes), so the base model asked "What's
+the capital of France?" continues the list; SFT teaches it that in a chat, a question is
+answered.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 import random
 
 from sftkit.demo.everyday import COLOURS
-from sftkit.demo.phrasing import ANSWERS, fill
+from sftkit.demo.phrasing import ANSWERS, QUESTIONS, fill
 from sftkit.demo.world import ATTRIBUTES, COUNTRIES
 
 PEOPLE = (
@@ -82,3 +86,14 @@ def asked_story(rng: random.Random) -> str:
         question=_inside_sentence(fill(REPORTED[attribute], country, attribute)),
         answer=_inside_sentence(fill(ANSWERS[attribute], country, attribute)),
     )
+
+
+def dialogue(rng: random.Random) -> str:
+    """One or two exchanges of a transcript: "Anna: What's the capital of Mali?\nTom: The capital of ..."."""
+    person, friend = _people(rng)
+    lines = []
+    for _ in range(rng.randint(1, 2)):
+        country, attribute = rng.choice(COUNTRIES), rng.choice(ATTRIBUTES)
+        lines.append(f"{person}: {fill(rng.choice(QUESTIONS[attribute]), country, attribute)}")
+        lines.append(f"{friend}: {fill(ANSWERS[attribute], country, attribute)}")
+    return "\n".join(lines)
