@@ -10,6 +10,8 @@
     sftkit chat --model DIR
     sftkit export ADAPTER_DIR --out DIR [--merge] [--base DIR] [--dtype auto|float32|bfloat16|float16]
     sftkit model tiny --config ARCH.json --tokenizer DIR --out DIR
+    sftkit diff BASE TUNED [--png FILE] [--threshold 0.01] [--per-tensor] [--json FILE]
+    sftkit compare BASE TUNED --prompts FILE [--out FILE.md] [--max-new-tokens N]
 """
 
 from __future__ import annotations
@@ -258,6 +260,53 @@ def _run_model_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_evidence(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("diff", help="per-layer relative weight change of TUNED vs BASE: table and PNG")
+    p.add_argument("base", metavar="BASE", help="the model before fine-tuning")
+    p.add_argument("tuned", metavar="TUNED", help="a run's final/, best/ or checkpoints/step-N/ (or a LoRA adapter)")
+    p.add_argument("--png", help="bar chart to write (default: TUNED/weight_diff.png)")
+    p.add_argument("--threshold", type=float, default=0.01,
+                   help="a weight counts as moved when |dW| > threshold x rms(W) of its tensor (default 0.01)")
+    p.add_argument("--per-tensor", action="store_true", help="one row per tensor instead of per layer")
+    p.add_argument("--json", help="also write the figures as JSON")
+    p.set_defaults(func=_run_diff)
+    p = commands.add_parser("compare", help="greedy replies of BASE and TUNED to the same prompts, side by side")
+    p.add_argument("base", metavar="BASE", help="the model before fine-tuning")
+    p.add_argument("tuned", metavar="TUNED", help="the fine-tuned model (its chat template is used for both)")
+    p.add_argument("--prompts", required=True, help=".txt (one prompt per line) or .jsonl ({prompt} or {messages})")
+    p.add_argument("--out", help="markdown file to write (default: TUNED/compare.md)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_run_compare)
+
+
+def _run_diff(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sftkit.evidence.diff import weight_diff
+
+    report = weight_diff(args.base, args.tuned, threshold=args.threshold)
+    print(report.table(per_tensor=args.per_tensor))
+    print(f"chart: {report.plot(args.png or Path(args.tuned) / 'weight_diff.png')}")
+    if args.json:
+        Path(args.json).write_text(report.to_json())
+    return 0
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sftkit.evidence.compare import compare, markdown, read_prompts, table
+
+    rows = compare(args.base, args.tuned, read_prompts(args.prompts), max_new_tokens=args.max_new_tokens,
+                   device=args.device)
+    print(table(rows))
+    out = Path(args.out or Path(args.tuned) / "compare.md")
+    out.write_text(markdown(rows, args.base, args.tuned))
+    print(f"markdown: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sftkit", description="Supervised fine-tuning of language models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -269,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(commands)
     _add_export(commands)
     _add_model_tiny(commands)
+    _add_evidence(commands)
     return parser
 
 
