@@ -186,6 +186,12 @@ class TrainConfig:
     """Longest sample generated at each eval."""
     eval_max_batches: int | None = None
     """Evaluate on at most this many batches (null = the whole eval split)."""
+    eval_every_epoch: bool = False
+    """Also evaluate at the end of every epoch (eval loss per epoch: the overfitting curve)."""
+    keep_best: bool = False
+    """Keep the model with the lowest eval loss so far as output_dir/best/ (written atomically at each new best)."""
+    early_stopping_patience: int | None = None
+    """Stop after this many evaluations in a row without a lower eval loss (null = never stop early)."""
     device: str = "auto"
     """auto (cuda when available, else cpu) | cpu | cuda | cuda:N."""
     gradient_checkpointing: bool = False
@@ -200,7 +206,7 @@ class TrainConfig:
         for name, value in positive.items():
             if value < 1:
                 _fail(f"train.{name}", f"{value} must be at least 1")
-        for name in ("max_steps", "eval_max_batches"):
+        for name in ("max_steps", "eval_max_batches", "early_stopping_patience"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 _fail(f"train.{name}", f"{value} must be at least 1 (or null)")
@@ -219,6 +225,11 @@ class TrainConfig:
             _fail("train.keep_checkpoints", f"{self.keep_checkpoints} must be at least 1 (or null to keep all)")
         if self.on_nan not in ("stop", "skip"):
             _fail("train.on_nan", f"{self.on_nan!r} is not one of stop, skip")
+
+    def evaluates_at(self, step: int, steps_per_epoch: int, total_steps: int) -> bool:
+        """Whether optimizer step `step` (1-based) ends with an evaluation."""
+        return (step == total_steps or bool(self.eval_every and step % self.eval_every == 0)
+                or (self.eval_every_epoch and step % steps_per_epoch == 0))
 
     def total_steps(self, steps_per_epoch: int) -> int:
         """Optimizer steps of the whole run."""
@@ -274,6 +285,23 @@ class LoraConfig:
 
 
 @dataclass
+class EvalConfig:
+    """What is measured at each evaluation besides the eval loss (sftkit.evidence.monitor)."""
+
+    section: ClassVar[str] = "eval"
+
+    reference_data: str | None = None
+    """Plain text the model should keep knowing (.txt: documents separated by blank lines; .jsonl: {"text"});
+    its perplexity is measured before training and at every eval: the forgetting monitor."""
+    forgetting_tolerance: float = 0.2
+    """Warn when the reference perplexity rises by more than this fraction over the base model's (0.2 = +20%)."""
+
+    def __post_init__(self) -> None:
+        if not (self.forgetting_tolerance >= 0 and math.isfinite(self.forgetting_tolerance)):
+            _fail("eval.forgetting_tolerance", f"{self.forgetting_tolerance} must be a number >= 0")
+
+
+@dataclass
 class Config:
     """A whole run: model, data, train, and where everything is written."""
 
@@ -281,6 +309,7 @@ class Config:
     data: DataConfig
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "runs/sft"
     """Run directory: config.yaml, metrics.jsonl, tb/, loss.png, checkpoints/, final/."""
 
@@ -301,7 +330,7 @@ class Config:
             raise ConfigError(f"config: expected a mapping of sections, got {type(raw).__name__}")
         _check_keys(raw, _top_level_keys(), "")
         sections = {}
-        for sub in (ModelConfig, DataConfig, TrainConfig, LoraConfig):
+        for sub in (ModelConfig, DataConfig, TrainConfig, LoraConfig, EvalConfig):
             values = raw.get(sub.section) or {}
             if not isinstance(values, dict):
                 _fail(sub.section, f"expected a mapping, got {values!r}")
@@ -311,7 +340,7 @@ class Config:
 
 
 def _top_level_keys() -> list[str]:
-    return ["model", "data", "train", "lora", "output_dir"]
+    return ["model", "data", "train", "lora", "eval", "output_dir"]
 
 
 def _check_keys(values: dict[str, Any], known: list[str], prefix: str) -> None:

@@ -33,6 +33,7 @@ from sftkit.config import Config, TrainConfig
 from sftkit.data.dataset import Batcher, Split, collate, load_splits, prompt_of, trained_token_count
 from sftkit.data.render import Renderer, Tokenized
 from sftkit.data.templates import end_of_turn_token_ids
+from sftkit.evidence.monitor import Monitor
 from sftkit.generate import generate_reply
 from sftkit.loss import token_loss_sum
 from sftkit.lora import setup_lora_model
@@ -251,6 +252,7 @@ def _train(config: Config, stop: faults.StopSignals) -> Path:
         print(disk_warning)
     config.dump(out / "config.yaml")
     log = RunLog(out)
+    monitor = Monitor(config, tokenizer, eos_ids, bool(eval_split.examples), pad_id)  # forgetting, best/, early stop
 
     step, tokens_seen = 0, 0
     guard, last_saved, carried = faults.NanGuard(tc.on_nan), resume_from, {"loss": 0.0, "trained": 0, "inputs": 0}
@@ -264,6 +266,8 @@ def _train(config: Config, stop: faults.StopSignals) -> Path:
         print(f"resumed from {resume_from} at step {step} (epoch {state['epoch']})")
     else:
         log.metrics_file.unlink(missing_ok=True)
+    if base_record := monitor.start(model, log.history()):  # the base model's reference perplexity, as step 0
+        log.write(base_record)
     print(summary(config, train_split, eval_split, model, added, per_epoch, total))
     if batching := batcher.summary():
         print(batching)
@@ -296,7 +300,7 @@ def _train(config: Config, stop: faults.StopSignals) -> Path:
         interval["trained"] += n_trained
         bar.update(1)
 
-        evaluate_now = step == total or (tc.eval_every and step % tc.eval_every == 0)
+        evaluate_now = tc.evaluates_at(step, per_epoch, total)
         if evaluate_now or step % tc.log_every == 0:
             seconds = time.perf_counter() - interval["start"]
             record = {
@@ -314,11 +318,13 @@ def _train(config: Config, stop: faults.StopSignals) -> Path:
                                        template_kwargs=config.data.template_kwargs)
                 record["sample"] = reply.text
                 tqdm.write(f"[step {step}] sample: {reply.text!r}{'' if reply.stopped else ' (no end of turn)'}")
+            if evaluate_now:
+                monitor.on_eval(model, record)  # reference perplexity, best/, early stop
             if guard.skipped:
                 record["nan_skipped"] = len(guard.skipped)
             log.write(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                            tok_s=f"{record['input_tokens_per_s']:.0f}")
+                            tok_s=f"{record['input_tokens_per_s']:.0f}", **monitor.postfix(record))
             interval = {"loss": 0.0, "trained": 0, "inputs": 0, "start": time.perf_counter()}
 
         if step < total and ((tc.save_every and step % tc.save_every == 0) or stop.requested):
@@ -334,10 +340,14 @@ def _train(config: Config, stop: faults.StopSignals) -> Path:
         if stop.requested and step < total:
             bar.close()
             faults.stop_training(stop, step, last_saved, out)
+        if monitor.stop:  # train.early_stopping_patience evaluations without a lower eval loss
+            break
     bar.close()
     if skipped := guard.summary():
         print(skipped)
 
     final = save_final(out, model, tokenizer, eos_ids, config)
     print(f"final model {final}\nloss curve  {log.close()}")
+    if best := monitor.summary():
+        print(best)
     return final
