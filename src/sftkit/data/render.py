@@ -63,7 +63,7 @@ class Tokenized:
 
     @property
     def num_trained(self) -> int:
-        return sum(1 for label in self.labels if label != IGNORE_INDEX)
+        return len(self.labels) - self.labels.count(IGNORE_INDEX)  # list.count runs in C
 
 
 class DroppedExample(DataError):
@@ -233,11 +233,8 @@ class Renderer:
         for special in (False, True):
             slots = [i for i, p in enumerate(plans) if p.add_special_tokens is special and not p.marked]
             if slots:
-                enc = self.tokenizer(
-                    [plans[i].text for i in slots], add_special_tokens=special, return_offsets_mapping=True
-                )
-                for i, ids, offsets in zip(slots, enc["input_ids"], enc["offset_mapping"]):
-                    out[i] = (ids, offsets)
+                for i, encoded in zip(slots, self._encode_batch([plans[i].text for i in slots], special)):
+                    out[i] = encoded
         for i, plan in enumerate(plans):
             if plan.marked:
                 ids, offsets = encode_marked(self.tokenizer, plan.text)
@@ -246,6 +243,23 @@ class Renderer:
                     ids, offsets = prefix + ids, [(0, 0)] * len(prefix) + offsets
                 out[i] = (ids, offsets)
         return out
+
+    def _encode_batch(self, texts: list[str], special: bool) -> list[tuple[list[int], list[tuple[int, int]]]]:
+        """(ids, offsets) of each text. A fast tokenizer with no truncation or padding set is called
+        through its Rust backend directly: the same ids and offsets as `tokenizer(texts)` (that is
+        the call it makes), without building a BatchEncoding — a tenth of the time on chat data."""
+        backend = getattr(self.tokenizer, "_tokenizer", None)
+        direct = (
+            getattr(self.tokenizer, "is_fast", False)
+            and backend is not None
+            and backend.truncation is None
+            and backend.padding is None
+            and backend.encode_special_tokens == bool(getattr(self.tokenizer, "split_special_tokens", False))
+        )
+        if direct:
+            return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=special)]
+        enc = self.tokenizer(texts, add_special_tokens=special, return_offsets_mapping=True)
+        return list(zip(enc["input_ids"], enc["offset_mapping"]))
 
     def _finish(self, plan: _Plan, encoded: tuple[list[int], list[tuple[int, int]]]) -> Tokenized | DataError:
         ids, offsets = list(encoded[0]), list(encoded[1])
