@@ -225,7 +225,7 @@ def open_weights(path: str | Path, base_dir: str | Path) -> Weights:
 def tensor_delta(name: str, base: torch.Tensor, tuned: torch.Tensor, threshold: float) -> TensorDelta:
     """The change of one tensor; extra leading rows of `tuned` (new tokens) are counted, not compared."""
     added = 0
-    if tuned.shape[0] > base.shape[0] and tuned.shape[1:] == base.shape[1:]:
+    if base.ndim and tuned.shape[0] > base.shape[0] and tuned.shape[1:] == base.shape[1:]:
         added = tuned.shape[0] - base.shape[0]
         tuned = tuned[: base.shape[0]]
     base32, delta = base.float(), tuned.float() - base.float()
