@@ -153,7 +153,8 @@ class WeightDiff:
         if finite and max(finite) / min(finite) > 50:
             ax.set_yscale("log")
         ax.set_ylabel("||dW|| / ||W||")
-        ax.set_title(f"weight change, {Path(self.tuned).name} vs {Path(self.base).name}", fontsize=10)
+        short = ["/".join(Path(p).parts[-2:]) for p in (self.tuned, self.base)]
+        ax.set_title(f"weight change: {short[0]} vs {short[1]}", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
         path = Path(path)
