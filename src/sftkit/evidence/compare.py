@@ -106,7 +106,8 @@ def _cell(text: str) -> str:
 
 def markdown(rows: list[Row], base: str | Path, tuned: str | Path) -> str:
     """A markdown table of the same comparison, headed by the command that made it."""
-    lines = [f"# {Path(tuned).name} vs {Path(base).name}", "",
+    short = ["/".join(Path(p).parts[-2:]) for p in (tuned, base)]
+    lines = [f"# {short[0]} vs {short[1]}", "",
              f"Greedy replies, the tuned model's chat template for both. Base: `{base}`; tuned: `{tuned}`.", "",
              "| # | prompt | base | tuned |", "|---|---|---|---|"]
     for n, row in enumerate(rows, 1):
