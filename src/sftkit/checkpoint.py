@@ -14,6 +14,9 @@ Layout of one checkpoint:
       trainer_state.json                                          # step, data position, python/numpy RNG, ...
       checkpoint.json                                             # manifest: step + sha256 of every file above
 
+Under torchrun (sftkit.distributed) the model and optimizer are `shards/` of torch.distributed.checkpoint
+instead of model*.safetensors and optimizer.pt, with one rng-rankR.pt per rank besides rank 0's rng.pt.
+
 How a checkpoint is written, so that a crash, a kill or a full disk never leaves a directory that
 resume would trust:
 
@@ -203,27 +206,31 @@ def _swap_in(tmp: Path, target: Path) -> None:
 
 # -- model directories --------------------------------------------------------------------------
 def save_hf_dir(
-    directory: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, eos_ids: list[int]
+    directory: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, eos_ids: list[int],
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Model (safetensors) + tokenizer with its chat template; generation stops at end of turn."""
+    """Model (safetensors) + tokenizer with its chat template; generation stops at end of turn.
+
+    `state_dict`: the weights to write instead of the model's own (FSDP's, gathered by sftkit.distributed)."""
     generation = model.generation_config
     existing = generation.eos_token_id
     existing = [] if existing is None else [existing] if isinstance(existing, int) else list(existing)
     generation.eos_token_id = list(dict.fromkeys(existing + list(eos_ids)))
     if generation.pad_token_id is None:
         generation.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    model.save_pretrained(directory, safe_serialization=True, **save_options(model))
+    model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict, **save_options(model))
     generation.save_pretrained(directory)  # a PEFT adapter's save_pretrained leaves it out
     tokenizer.save_pretrained(directory)
 
 
 def save_final(
-    output_dir: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, eos_ids: list[int], config: Config
+    output_dir: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, eos_ids: list[int], config: Config,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """`output_dir/final/`: a plain Hugging Face directory, written atomically."""
+    """`output_dir/final/`: a plain Hugging Face directory, written atomically (`state_dict`: see save_hf_dir)."""
     target = under(output_dir, "final")
     with atomic_dir(target) as tmp:
-        save_hf_dir(tmp, model, tokenizer, eos_ids)
+        save_hf_dir(tmp, model, tokenizer, eos_ids, state_dict)
         config.dump(tmp / "sftkit_config.yaml")
     return target
 
@@ -255,10 +262,14 @@ def set_rng_state(plain: dict[str, Any], tensors: dict[str, Any]) -> None:
 
 # -- checkpoints --------------------------------------------------------------------------------
 def write_training_state(
-    directory: Path, optimizer: torch.optim.Optimizer, scheduler: Any, state: dict[str, Any], metrics_file: Path
+    directory: Path, optimizer: torch.optim.Optimizer | None, scheduler: Any, state: dict[str, Any],
+    metrics_file: Path
 ) -> None:
-    """optimizer.pt, scheduler.pt, rng.pt, metrics.jsonl (up to this step) and trainer_state.json."""
-    torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+    """optimizer.pt, scheduler.pt, rng.pt, metrics.jsonl (up to this step) and trainer_state.json.
+
+    `optimizer` None: its state is elsewhere (the shards of sftkit.distributed)."""
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), directory / "optimizer.pt")
     torch.save(scheduler.state_dict(), directory / "scheduler.pt")
     plain_rng, torch_rng = rng_state()
     torch.save(torch_rng, directory / "rng.pt")

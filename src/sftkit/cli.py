@@ -5,7 +5,7 @@
     sftkit data inspect FILE [--tokenizer DIR] [--template NAME] [--max-length N] [--report DIR]
     sftkit data clean FILE --out FILE [--near-dup-threshold 0.85] [--min-reply-chars N]
                       [--tokenizer DIR --max-tokens N] [--drop-pattern REGEX ...] [--drop-refusals]
-    sftkit train CONFIG.yaml [key=value ...]
+    sftkit train [--nproc N] CONFIG.yaml [key=value ...]
     sftkit generate --model DIR --prompt TEXT [--system TEXT] [--max-new-tokens N] [--temperature T]
     sftkit chat --model DIR
     sftkit export ADAPTER_DIR --out DIR [--merge] [--base DIR] [--dtype auto|float32|bfloat16|float16]
@@ -187,6 +187,8 @@ def _data_tokenizer(path: str | None, template: str | None):  # -> PreTrainedTok
 
 def _add_train(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("train", help="fine-tune a local model from a YAML recipe")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="run N processes on this machine with torchrun (before CONFIG; see train.strategy)")
     p.add_argument("config", help="YAML recipe, e.g. configs/tiny-cpu.yaml")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-5")
     p.set_defaults(func=_run_train)
@@ -196,6 +198,11 @@ def _run_train(args: argparse.Namespace) -> int:
     from sftkit.config import load_config
     from sftkit.train import train
 
+    if args.nproc is not None:  # `torchrun --standalone --nproc_per_node=N -m sftkit train CONFIG ...`
+        from sftkit.distributed import launch
+
+        load_config(args.config, args.overrides)  # a bad config fails here, once, not on every rank
+        return launch(args.nproc, [args.config, *args.overrides])
     train(load_config(args.config, args.overrides))
     return 0
 
@@ -348,7 +355,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except USER_ERRORS as err:
-        print(f"sftkit: error: {err}", file=sys.stderr)
+        print(f"{_rank()}sftkit: error: {err}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `sftkit data preview --json | head`
         return 0
+
+
+def _rank() -> str:
+    """"[rank R] " in a process started by torchrun: the message says which rank failed."""
+    return f"[rank {os.environ['RANK']}] " if "RANK" in os.environ and "LOCAL_RANK" in os.environ else ""

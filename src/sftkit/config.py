@@ -199,6 +199,16 @@ class TrainConfig:
     compile: bool = False
     """torch.compile each decoder layer (dynamic shapes): on a 2-core CPU 9-35% faster after about a minute of
     compiling (bench/README.md). Off by default: that minute, and inductor needs a C++ compiler on CPU."""
+    strategy: str = "ddp"
+    """How the processes of `torchrun` (or `sftkit train --nproc N`) share the work: ddp (each holds the whole
+    model; DistributedDataParallel) | fsdp (FSDP2: weights, gradients and optimizer state sharded, one decoder
+    layer gathered at a time). Ignored in a single process. See docs/distributed.md."""
+    mixed_precision: str | None = None
+    """With strategy=fsdp: bfloat16 | float16 computes in that dtype while the sharded weights and the optimizer
+    stay in model.dtype (float32 master weights: model.dtype=float32) and gradients are reduced in float32;
+    null = compute in model.dtype."""
+    cpu_offload: bool = False
+    """With strategy=fsdp on GPUs: keep the sharded weights, gradients and optimizer state in CPU memory."""
 
     def __post_init__(self) -> None:
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
@@ -225,6 +235,13 @@ class TrainConfig:
             _fail("train.keep_checkpoints", f"{self.keep_checkpoints} must be at least 1 (or null to keep all)")
         if self.on_nan not in ("stop", "skip"):
             _fail("train.on_nan", f"{self.on_nan!r} is not one of stop, skip")
+        if self.strategy not in ("ddp", "fsdp"):
+            _fail("train.strategy", f"{self.strategy!r} is not one of ddp, fsdp")
+        if self.mixed_precision is not None and self.mixed_precision not in DTYPES[1:]:
+            _fail("train.mixed_precision", f"{self.mixed_precision!r} is not one of null, {', '.join(DTYPES[1:])}")
+        for name in ("mixed_precision", "cpu_offload"):
+            if getattr(self, name) and self.strategy != "fsdp":
+                _fail(f"train.{name}", "applies to FSDP's sharded weights: set train.strategy=fsdp too")
 
     def evaluates_at(self, step: int, steps_per_epoch: int, total_steps: int) -> bool:
         """Whether optimizer step `step` (1-based) ends with an evaluation."""

@@ -26,9 +26,8 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from sftkit import faults
+from sftkit import distributed, faults
 from sftkit.attention import use_document_attention
-from sftkit.checkpoint import latest_checkpoint, load_training_state, save_checkpoint, save_final
 from sftkit.config import Config, TrainConfig
 from sftkit.data.dataset import Batcher, Split, collate, load_splits, prompt_of, trained_token_count
 from sftkit.data.render import Renderer, Tokenized
@@ -37,7 +36,7 @@ from sftkit.evidence.monitor import Monitor
 from sftkit.generate import generate_reply
 from sftkit.loss import token_loss_sum
 from sftkit.lora import setup_lora_model
-from sftkit.model import count_parameters, load_model, resolve_device
+from sftkit.model import count_parameters, load_model
 
 
 def seed_everything(seed: int) -> None:
@@ -101,19 +100,26 @@ def setup_optimizer(
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
-def backward_window(model: PreTrainedModel, batches: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
+def backward_window(model: PreTrainedModel, batches: list[dict[str, torch.Tensor]],
+                    dist: distributed.Local = distributed.LOCAL) -> tuple[float, int]:
     """Accumulate the gradient of (sum of token losses / trained tokens) over a whole window.
 
     Every micro-batch divides by the window's trained-token count, not its own, so any split of
-    the window into micro-batches gives the same gradient. Returns (loss sum, trained tokens).
+    the window into micro-batches gives the same gradient. Under torchrun `batches` are this rank's
+    part of the window and the count is over all ranks (sftkit.distributed). Returns (loss sum,
+    trained tokens) of the whole window.
     """
-    n_trained = sum(trained_token_count(b) for b in batches)
+    n_trained = dist.all_sum([sum(trained_token_count(b) for b in batches)])[0]
     total = 0.0
-    for batch in batches:
-        loss_sum = token_loss_sum(model, to_device(batch, model.device))
-        (loss_sum / max(n_trained, 1)).backward()
+    for i, batch in enumerate(batches):
+        with dist.accumulating(last=i == len(batches) - 1):  # DDP / FSDP reduce gradients after the last only
+            loss_sum = dist.loss_sum(model, to_device(batch, model.device))
+            loss = loss_sum / max(n_trained, 1)
+            if dist.world > 1:  # DDP and FSDP average the ranks' gradients; the window's mean is their sum
+                loss = loss * dist.world
+            loss.backward()
         total += loss_sum.item()
-    return total, n_trained
+    return dist.all_sum([total])[0], n_trained
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -141,14 +147,16 @@ def evaluate(
 class RunLog:
     """metrics.jsonl + TensorBoard scalars + the loss curve; everything `train` reports goes here."""
 
-    def __init__(self, output_dir: Path) -> None:
+    def __init__(self, output_dir: Path, enabled: bool = True) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.dir = output_dir
         self.metrics_file = output_dir / "metrics.jsonl"
-        self.tb = SummaryWriter(str(output_dir / "tb"))
+        self.tb = SummaryWriter(str(output_dir / "tb")) if enabled else None  # under torchrun: rank 0 only
 
     def write(self, record: dict[str, Any]) -> None:
+        if self.tb is None:
+            return
         with self.metrics_file.open("a") as f:
             f.write(json.dumps(record) + "\n")
         for key, value in record.items():
@@ -164,6 +172,8 @@ class RunLog:
 
     def close(self) -> Path:
         """Flush TensorBoard and draw `loss.png` (train loss per logged step, eval loss as dots)."""
+        if self.tb is None:
+            return self.dir / "loss.png"
         import matplotlib
 
         matplotlib.use("Agg")
@@ -223,68 +233,77 @@ def train(config: Config) -> Path:
     """Run the whole fine-tuning job described by `config`; return the `final/` directory.
 
     SIGINT / SIGTERM stop it at the end of the optimizer step, after a checkpoint (sftkit.faults).
+    Under torchrun this process is one rank of many (sftkit.distributed).
     """
-    with faults.StopSignals() as stop:
-        return _train(config, stop)
+    with distributed.setup(config.train) as dist, faults.StopSignals() as stop:
+        return _train(config, stop, dist)
 
 
-def _train(config: Config, stop: faults.StopSignals) -> Path:
+def _train(config: Config, stop: faults.StopSignals, dist: distributed.Local) -> Path:
     out = Path(config.output_dir)
     faults.check_output_dir(out)  # an unwritable output_dir fails now, not at the first checkpoint
     tc = config.train
     seed_everything(tc.seed)
-    device = resolve_device(tc.device)
-    resume_from = latest_checkpoint(out) if tc.resume else None
+    device = dist.device
+    resume_from = dist.latest_checkpoint(out) if tc.resume else None
     if tc.resume and resume_from is None:
         print(f"train.resume: no complete checkpoint under {out / 'checkpoints'}; starting from step 0")
 
-    model, tokenizer, added = setup_model(config, device, resume_from)
+    model, tokenizer, added = setup_model(config, device, dist.weights_from(resume_from))
     setup_speed(model, config)
     train_split, eval_split = setup_data(config, tokenizer)
     examples = train_split.examples
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_ids = end_of_turn_token_ids(tokenizer, config.data.template_kwargs)
-    batcher = Batcher.from_config(examples, pad_id, config.data, tc)  # padded, grouped, padding-free or packed
+    # padded, grouped, padding-free or packed; under torchrun windows of the global batch (all ranks)
+    batcher = Batcher.from_config(examples, pad_id, config.data, dist.global_train(tc))
     per_epoch = batcher.steps_per_epoch()
     total = tc.total_steps(per_epoch)
-    optimizer, scheduler = setup_optimizer(model, tc, total)
     if disk_warning := faults.low_disk_warning(out, model, tc, total):
         print(disk_warning)
-    config.dump(out / "config.yaml")
-    log = RunLog(out)
+    overview = summary(config, train_split, eval_split, model, added, per_epoch, total)  # before FSDP shards it
+    dist.wrap(model, config)  # torchrun: DDP or FSDP2; nothing in one process
+    optimizer, scheduler = setup_optimizer(model, tc, total)
+    if dist.is_main:
+        config.dump(out / "config.yaml")
+    log = RunLog(out, enabled=dist.is_main)
     monitor = Monitor(config, tokenizer, eos_ids, bool(eval_split.examples), pad_id)  # forgetting, best/, early stop
 
     step, tokens_seen = 0, 0
     guard, last_saved, carried = faults.NanGuard(tc.on_nan), resume_from, {"loss": 0.0, "trained": 0, "inputs": 0}
     if resume_from is not None:
-        state = load_training_state(resume_from, optimizer, scheduler, log.metrics_file)
+        state = dist.load_training_state(resume_from, model, optimizer, scheduler, log.metrics_file)
         step, tokens_seen = state["step"], state["tokens"]
         guard.skipped, carried = state.get("nan_skipped", []), state.get("interval", carried)
         if state["data"]["steps_per_epoch"] != per_epoch:
             print(f"warning: the data changed since {resume_from} ({state['data']['steps_per_epoch']} steps per "
                   f"epoch then, {per_epoch} now): the resumed run will not see the batches it would have")
         print(f"resumed from {resume_from} at step {step} (epoch {state['epoch']})")
-    else:
+    elif dist.is_main:
         log.metrics_file.unlink(missing_ok=True)
-    if base_record := monitor.start(model, log.history()):  # the base model's reference perplexity, as step 0
-        log.write(base_record)
-    print(summary(config, train_split, eval_split, model, added, per_epoch, total))
+    with dist.whole_model():  # torchrun: every rank evaluates together (FSDP gathers a layer at a time)
+        if base_record := monitor.start(model, log.history()):  # the base model's reference perplexity, as step 0
+            log.write(base_record)
+    print(overview)
     if batching := batcher.summary():
         print(batching)
+    if processes := dist.describe(tc):
+        print(processes)
     eval_examples = eval_split.examples or examples[: tc.batch_size * 2]
-    print(f"pre-flight  loss {preflight(model, eval_examples, tc, pad_id):.4f} on up to 2 batches")
+    with dist.whole_model():
+        print(f"pre-flight  loss {preflight(model, eval_examples, tc, pad_id):.4f} on up to 2 batches")
     sample = [{"role": "user", "content": tc.sample_prompt}] if tc.sample_prompt else next(
         (p for p in map(prompt_of, eval_split.records or train_split.records) if p), None
     )
 
     model.train()
-    bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not dist.is_main)
     interval = {**carried, "start": time.perf_counter()}  # a resumed run goes on with its logging interval
     while step < total:
         # one optimizer step = one window of grad_accum micro-batches, loss averaged over its trained tokens
         epoch, micro = batcher.window(step)  # micro-batches of example indices
-        batches = [batcher.collate(ids) for ids in micro]
-        loss_sum, n_trained = backward_window(model, batches)
+        batches = [dist.collate(batcher, ids) for ids in dist.shard(micro, batcher)]  # torchrun: this rank's part
+        loss_sum, n_trained = backward_window(model, batches, dist)
         grad_norm = faults.gradient_norm(model.parameters(), tc.max_grad_norm)  # clips when max_grad_norm is set
         sources = [examples[i].source for ids in micro for i in ids]
         if guard.check(step + 1, loss_sum, grad_norm, sources, last_saved, out):  # NaN/inf: stop, or skip
@@ -292,7 +311,7 @@ def _train(config: Config, stop: faults.StopSignals) -> Path:
         else:  # train.on_nan=skip: the batch trains nothing; the schedule and the data order go on
             loss_sum, n_trained = 0.0, 0
         interval["loss"] += loss_sum
-        interval["inputs"] += sum(int(b["attention_mask"].sum()) for b in batches)
+        interval["inputs"] += dist.all_sum([sum(int(b["attention_mask"].sum()) for b in batches)])[0]
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -309,17 +328,18 @@ def _train(config: Config, stop: faults.StopSignals) -> Path:
                 "tokens": tokens_seen,
                 "tokens_per_s": interval["trained"] / seconds, "input_tokens_per_s": interval["inputs"] / seconds,
             }
-            if evaluate_now and eval_split.examples:
-                record["eval_loss"], record["eval_ppl"] = evaluate(
-                    model, eval_split.examples, tc.batch_size, pad_id, tc.eval_max_batches
-                )
-            if evaluate_now and sample:
-                reply = generate_reply(model, tokenizer, sample, max_new_tokens=tc.sample_max_new_tokens,
-                                       template_kwargs=config.data.template_kwargs)
-                record["sample"] = reply.text
-                tqdm.write(f"[step {step}] sample: {reply.text!r}{'' if reply.stopped else ' (no end of turn)'}")
-            if evaluate_now:
-                monitor.on_eval(model, record)  # reference perplexity, best/, early stop
+            with dist.whole_model(evaluate_now):  # torchrun: every rank evaluates
+                if evaluate_now and eval_split.examples:
+                    record["eval_loss"], record["eval_ppl"] = evaluate(
+                        model, eval_split.examples, tc.batch_size, pad_id, tc.eval_max_batches
+                    )
+                if evaluate_now and sample:
+                    reply = generate_reply(model, tokenizer, sample, max_new_tokens=tc.sample_max_new_tokens,
+                                           template_kwargs=config.data.template_kwargs)
+                    record["sample"] = reply.text
+                    tqdm.write(f"[step {step}] sample: {reply.text!r}{'' if reply.stopped else ' (no end of turn)'}")
+                if evaluate_now:
+                    monitor.on_eval(model, record)  # reference perplexity, best/, early stop
             if guard.skipped:
                 record["nan_skipped"] = len(guard.skipped)
             log.write(record)
@@ -327,17 +347,18 @@ def _train(config: Config, stop: faults.StopSignals) -> Path:
                             tok_s=f"{record['input_tokens_per_s']:.0f}", **monitor.postfix(record))
             interval = {"loss": 0.0, "trained": 0, "inputs": 0, "start": time.perf_counter()}
 
-        if step < total and ((tc.save_every and step % tc.save_every == 0) or stop.requested):
+        stopping = dist.any(stop.requested)  # torchrun: a signal to one rank stops every rank at this step
+        if step < total and ((tc.save_every and step % tc.save_every == 0) or stopping):
             next_epoch, next_window = divmod(step, per_epoch)  # data position: where step+1 reads from
             state = {"step": step, "epoch": epoch, "tokens": tokens_seen, "data": {
                 "seed": tc.seed, "steps_per_epoch": per_epoch, "epoch": next_epoch, "window": next_window,
                 "micro_batch": 0},  # saved between optimizer steps: the next window starts at its first micro-batch
                 "interval": {k: interval[k] for k in ("loss", "trained", "inputs")}, "nan_skipped": guard.skipped}
-            last_saved = save_checkpoint(out, model=model, tokenizer=tokenizer, optimizer=optimizer,
-                                         scheduler=scheduler, config=config, eos_ids=eos_ids, state=state,
-                                         metrics_file=log.metrics_file, keep=tc.keep_checkpoints)
+            last_saved = dist.save_checkpoint(out, model=model, tokenizer=tokenizer, optimizer=optimizer,
+                                              scheduler=scheduler, config=config, eos_ids=eos_ids, state=state,
+                                              metrics_file=log.metrics_file, keep=tc.keep_checkpoints)
             tqdm.write(f"[step {step}] checkpoint {last_saved}")
-        if stop.requested and step < total:
+        if stopping and step < total:
             bar.close()
             faults.stop_training(stop, step, last_saved, out)
         if monitor.stop:  # train.early_stopping_patience evaluations without a lower eval loss
@@ -346,7 +367,7 @@ def _train(config: Config, stop: faults.StopSignals) -> Path:
     if skipped := guard.summary():
         print(skipped)
 
-    final = save_final(out, model, tokenizer, eos_ids, config)
+    final = dist.save_final(out, model, tokenizer, eos_ids, config)
     print(f"final model {final}\nloss curve  {log.close()}")
     if best := monitor.summary():
         print(best)
