@@ -7,7 +7,7 @@ TORCH   := torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo evidence test test-slow bench clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,10 @@ $(STAMP): pyproject.toml
 
 demo: setup
 	$(BIN)/sftkit data preview --tokenizer tests/assets/tokenizers/qwen2.5 --data tests/assets/data/chat_messages.jsonl --limit 3
+
+# the claims about SFT, each a controlled run on the demo base model -> reports/evidence.md (~20 min on 2 CPU cores)
+evidence: setup
+	$(BIN)/python -m sftkit.demo.evidence
 
 test: setup
 	$(BIN)/python -m pytest -q

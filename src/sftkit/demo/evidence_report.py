@@ -1,0 +1,228 @@
+"""reports/evidence.md and its plots from the results of `sftkit.demo.evidence` (results.json).
+
+    python -m sftkit.demo.evidence_report reports/evidence/results.json     # redraw without re-running
+
+Each claim gets its measured figures and a verdict computed from them by the rule written beside
+it — supports / partly / does not support — so the report says what the numbers say, even where
+that disagrees with the claim.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+COMMAND = "make evidence   # = .venv/bin/python -m sftkit.demo.evidence"
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.0f}%"
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# -- one verdict per claim: (run, measured, verdict, rule) ---------------------------------------
+def answering(r: dict[str, Any]) -> tuple[str, str, str, str]:
+    base, sft = r["main"]["base"]["held-out"]["answered"], r["main"]["sft"]["held-out"]["answered"]
+    verdict = "supports" if sft - base >= 0.3 else "does not support" if sft <= base else "partly"
+    measured = (f"held-out questions answered: base {pct(base)} -> SFT {pct(sft)} (trained countries: base "
+                f"{pct(r['main']['base']['trained']['answered'])} -> SFT {pct(r['main']['sft']['trained']['answered'])})")
+    return "main run vs the base model, same questions", measured, verdict, "supports when SFT answers >= 30 points more"
+
+
+def knowledge(r: dict[str, Any]) -> tuple[str, str, str, str]:
+    s = r["main"]["sft"]
+    t, h, n = s["trained"]["correct"], s["held-out"]["correct"], s["never"]["correct"]
+    base_h = r["main"]["base"]["held-out"]["correct"]
+    if h >= 0.5 * t and h > base_h and n <= 0.05:
+        verdict = "supports"
+    elif h > n + 0.05:
+        verdict = "partly"
+    else:
+        verdict = "does not support"
+    measured = (f"correct after SFT: trained countries {pct(t)}, held-out (pre-training only) {pct(h)}, never in any "
+                f"data {pct(n)} (yet answered {pct(s['never']['answered'])} of those); base on held-out {pct(base_h)}")
+    rule = "supports when held-out >= half of trained, above the base, and made-up countries <= 5%"
+    return "main run, three question sets", measured, verdict, rule
+
+
+def weights(r: dict[str, Any]) -> tuple[str, str, str, str]:
+    w = r["weights"]
+    med, top = w["median_relative"], w["max_relative"]
+    verdict = "supports" if top < 0.05 else "partly" if med < 0.2 else "does not support"
+    measured = (f"per-layer ‖ΔW‖/‖W‖: median {med:.3f}, max {top:.3f} ({w['max_layer']}); all weights "
+                f"{w['overall_relative']:.3f}, {pct(w['overall_moved'])} moved by > {w['threshold']:g} x rms; "
+                f"{w['added_rows']} new token rows")
+    return "`sftkit diff` base vs main run", measured, verdict, "supports when every layer moves < 5%; partly when the median < 20%"
+
+
+def masking(r: dict[str, Any]) -> tuple[str, str, str, str]:
+    a, e = r["masking"]["assistant"], r["masking"]["all"]
+    gain = sum(a[n]["correct"] - e[n]["correct"] for n in a) / len(a)
+    stop = sum(a[n]["stopped"] - e[n]["stopped"] for n in a) / len(a)
+    verdict = "supports" if gain > 0.03 or stop > 0.03 else "does not support" if gain < -0.03 else "not measurable"
+    measured = "; ".join(f"{n}: correct {pct(a[n]['correct'])} vs {pct(e[n]['correct'])}, answered "
+                         f"{pct(a[n]['answered'])} vs {pct(e[n]['answered'])}, ended the turn {pct(a[n]['stopped'])} vs "
+                         f"{pct(e[n]['stopped'])}" for n in a) + " (assistant-only vs all tokens)"
+    return "data.strategy assistant vs all", measured, verdict, "supports when assistant-only is > 3 points better"
+
+
+def learning_rate(r: dict[str, Any]) -> tuple[str, str, str, str]:
+    runs = sorted(r["lr"].values(), key=lambda x: x["lr"])
+    base_ppl = runs[0]["reference_ppl"][0]
+    final = [(x["lr"], x["reference_ppl"][-1], x["held-out"]["correct"]) for x in runs]
+    rises = final[-1][1] > 1.2 * base_ppl and final[-1][1] > final[0][1]
+    falls = final[-1][2] < max(c for _, _, c in final) - 0.05
+    verdict = "supports" if rises and falls else "partly" if rises or falls else "does not support"
+    measured = f"reference ppl (base {base_ppl:.2f}) / held-out correct / median layer change: " + ", ".join(
+        f"lr {lr:g}: {ppl:.2f} / {pct(c)} / {x['weights']['median_relative']:.3f}" for (lr, ppl, c), x in zip(final, runs))
+    rule = "supports when the highest lr raises reference ppl > 20% over the base and loses > 5 points of accuracy"
+    return f"{len(runs)} learning rates, otherwise the main run", measured, verdict, rule
+
+
+def epochs(r: dict[str, Any]) -> tuple[str, str, str, str]:
+    e = r["epochs"]
+    losses = [(row["epoch"], row["eval_loss"]) for row in e["history"] if "eval_loss" in row]
+    best_epoch, best = min(losses, key=lambda x: x[1])
+    last_epoch, last = losses[-1]
+    held = [c["held-out"]["correct"] for c in e["checkpoints"]]
+    rises = last > best * 1.05
+    falls = held[-1] < max(held) - 0.05
+    verdict = "supports" if rises and falls else "partly" if rises or falls else "does not support"
+    measured = (f"eval loss lowest {best:.3f} at epoch {best_epoch:g}, {last:.3f} at epoch {last_epoch:g}; held-out "
+                f"correct peaks at {pct(max(held))} (epoch {held.index(max(held)) + 1}), {pct(held[-1])} at the end; "
+                f"train.keep_best kept epoch {e['best']['epoch']:g} as best/")
+    rule = "supports when the last eval loss is > 5% over its minimum and held-out accuracy falls > 5 points"
+    return f"128 conversations, {last_epoch:g} epochs, a checkpoint per epoch", measured, verdict, rule
+
+
+def quality(r: dict[str, Any]) -> tuple[str, str, str, str]:
+    q = r["quality"]
+    c, n = q["clean-small"], q["noisy-large"]
+    diff = sum(c[k]["correct"] - n[k]["correct"] for k in c) / len(c)
+    verdict = "supports" if diff > 0.03 else "does not support" if diff < -0.03 else "no difference"
+    measured = "; ".join(f"{k}: correct {pct(c[k]['correct'])} vs {pct(n[k]['correct'])}" for k in c) + (
+        f" ({q['clean_rows']} clean vs {q['noisy_rows']} with {q['corrupted']} corrupted, {q['steps']} steps each)")
+    return "small clean set vs large noisy set", measured, verdict, "supports when clean is > 3 points more correct"
+
+
+CLAIMS = (("SFT makes the base model answer", answering), ("SFT teaches behaviour, not knowledge", knowledge),
+          ("SFT barely changes the weights", weights), ("Loss masking (assistant only) matters", masking),
+          ("High learning rate -> catastrophic forgetting", learning_rate),
+          ("Too many epochs -> overfitting", epochs), ("Quality beats quantity", quality))
+
+
+# -- plots --------------------------------------------------------------------------------------
+def plot_answering(r: dict[str, Any], path: Path) -> Path:
+    plt = _plt()
+    sets = ["trained", "held-out", "never"]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    bars = [("base answered", [r["main"]["base"].get(s, {}).get("answered", 0) for s in sets]),
+            ("SFT answered", [r["main"]["sft"][s]["answered"] for s in sets]),
+            ("SFT correct", [r["main"]["sft"][s]["correct"] for s in sets])]
+    for i, (label, values) in enumerate(bars):
+        ax.bar([x + 0.27 * i for x in range(len(sets))], values, 0.27, label=label)
+    ax.set_xticks([x + 0.27 for x in range(len(sets))], ["trained countries", "held-out countries", "made-up countries"])
+    ax.set_ylabel("share of questions")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    return _save(fig, path, plt)
+
+
+def plot_lr(r: dict[str, Any], path: Path) -> Path:
+    plt = _plt()
+    runs = sorted(r["lr"].values(), key=lambda x: x["lr"])
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for x in runs:
+        a.plot(range(len(x["reference_ppl"])), x["reference_ppl"], "o-", label=f"lr {x['lr']:g}")
+    a.set_xlabel("evaluation (0 = base model)")
+    a.set_ylabel("reference perplexity")
+    a.set_yscale("log")
+    a.legend(fontsize=8)
+    lrs = [x["lr"] for x in runs]
+    for name in ("trained", "held-out"):
+        b.plot(lrs, [x[name]["correct"] for x in runs], "o-", label=f"{name} correct")
+    b.set_xscale("log")
+    b.set_xlabel("learning rate")
+    b.set_ylim(0, 1)
+    b.legend(fontsize=8)
+    return _save(fig, path, plt)
+
+
+def plot_epochs(r: dict[str, Any], path: Path) -> Path:
+    plt = _plt()
+    e = r["epochs"]
+    fig, a = plt.subplots(figsize=(7, 3.5))
+    evals = [(row["epoch"], row["eval_loss"]) for row in e["history"] if "eval_loss" in row]
+    train = [(row["epoch"], row["loss"]) for row in e["history"] if "loss" in row]
+    a.plot(*zip(*train), color="tab:gray", alpha=0.6, label="train loss")
+    a.plot(*zip(*evals), "o-", color="tab:blue", label="eval loss")
+    a.set_xlabel("epoch")
+    a.set_ylabel("loss")
+    b = a.twinx()
+    held = [c["held-out"]["correct"] for c in e["checkpoints"]]
+    b.plot(range(1, len(held) + 1), held, "s--", color="tab:red", label="held-out correct")
+    b.set_ylim(0, 1)
+    b.set_ylabel("held-out correct")
+    fig.legend(loc="upper center", ncol=3, fontsize=8)
+    return _save(fig, path, plt)
+
+
+def _save(fig: Any, path: Path, plt: Any) -> Path:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# -- the report ---------------------------------------------------------------------------------
+def write_report(r: dict[str, Any], out: str | Path) -> Path:
+    out = Path(out)
+    figures = out / "evidence"
+    plot_answering(r, figures / "answering.png")
+    plot_lr(r, figures / "learning_rate.png")
+    plot_epochs(r, figures / "epochs.png")
+    trained = sum(r.get("seconds", {}).values()) / 60
+    other = r.get("other_seconds", 0) / 60
+    lines = ["# Evidence: what SFT changed, measured on the demo world", "",
+             f"Regenerate: `{COMMAND}` — {trained + other:.0f} min on a 2-core CPU shared with other jobs: "
+             f"{trained:.1f} min of `sftkit train` over {len(r.get('seconds', {}))} runs, {other:.1f} min asking "
+             "questions, diffing and plotting. Finished runs are reused when their config and base are unchanged.",
+             "", f"Questions per set: {', '.join(f'{k} {v}' for k, v in r['questions'].items())}. Greedy decoding; *answered* = the first sentence is a "
+             "statement; *correct* = it names the expected fact (`sftkit.demo.score.judge`). *held-out* countries are "
+             "only in pre-training; *never* are made-up countries in no data at all. Questions ask for a capital, a "
+             "language or a currency (continents, six possible answers, are guessable and left out).", "",
+             "| claim | run | measured | verdict |", "|---|---|---|---|"]
+    rules = []
+    for claim, fn in CLAIMS:
+        run, measured, verdict, rule = fn(r)
+        lines.append(f"| {claim} | {run} | {measured} | **{verdict}** |")
+        rules.append(f"- {claim}: {rule}.")
+    lines += ["", "Verdict rules:", *rules, "",
+              "![answering](evidence/answering.png)", "", "![weight change per layer](evidence/weight_diff.png)", "",
+              "![learning rate](evidence/learning_rate.png)", "", "![epochs](evidence/epochs.png)", "",
+              "## Sample replies (main run)", ""]
+    for name, score in r["main"]["sft"].items():
+        for ex in score["examples"]:
+            lines.append(f"- {name}: *{ex['q']}* -> {ex['reply']!r} (expected {ex['expected']})")
+    lines += ["", "`sftkit compare` of the base and the main run on nine of these questions, both with the "
+              "ChatML template: [evidence/compare.md](evidence/compare.md).", "",
+              "Raw figures: [evidence/results.json](evidence/results.json).", ""]
+    path = out / "evidence.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+if __name__ == "__main__":
+    results_file = Path(sys.argv[1] if len(sys.argv) > 1 else "reports/evidence/results.json")
+    print(write_report(json.loads(results_file.read_text()), results_file.parent.parent))
