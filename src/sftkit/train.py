@@ -282,7 +282,7 @@ def _train(config: Config, stop: faults.StopSignals, dist: distributed.Local) ->
     elif dist.is_main:
         log.metrics_file.unlink(missing_ok=True)
     with dist.whole_model():  # torchrun: every rank evaluates together (FSDP gathers a layer at a time)
-        if base_record := monitor.start(model, log.history()):  # the base model's reference perplexity, as step 0
+        if base_record := monitor.start(model, log.history() if resume_from else []):  # base model ppl, step 0
             log.write(base_record)
     print(overview)
     if batching := batcher.summary():

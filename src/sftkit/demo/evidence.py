@@ -309,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     results = run_all(setup)
     wall = time.perf_counter() - start
-    trained_now = sum(float(t.read_text()) for t in setup.work.glob("*/seconds.txt") if t.stat().st_mtime >= time.time() - wall)
+    timings = setup.work.glob("*/seconds.txt")
+    trained_now = sum(float(t.read_text()) for t in timings if t.stat().st_mtime >= time.time() - wall)
     results["other_seconds"] = wall - trained_now  # asking questions, diffs, plots (runs reused or not)
     (setup.out / "evidence").mkdir(parents=True, exist_ok=True)
     (setup.out / "evidence" / "results.json").write_text(json.dumps(results, indent=1))

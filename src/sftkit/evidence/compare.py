@@ -95,9 +95,13 @@ def table(rows: list[Row], width: int | None = None) -> str:
         for i in range(max(map(len, cells))):
             lines.append("  ".join(f"{(c[i] if i < len(c) else ''):<{col}}" for c in cells).rstrip())
         lines.append("")
-    lines.append(f"'...' = stopped by --max-new-tokens before the end of the turn; ended their turn: "
-                 f"base {sum(r.base.stopped for r in rows)}/{len(rows)}, tuned {sum(r.tuned.stopped for r in rows)}/{len(rows)}")
+    lines.append(f"'...' = stopped by --max-new-tokens before the end of the turn; ended their turn: {_ended(rows)}")
     return "\n".join(lines)
+
+
+def _ended(rows: list[Row]) -> str:
+    n = len(rows)
+    return f"base {sum(r.base.stopped for r in rows)}/{n}, tuned {sum(r.tuned.stopped for r in rows)}/{n}"
 
 
 def _cell(text: str) -> str:
@@ -112,6 +116,5 @@ def markdown(rows: list[Row], base: str | Path, tuned: str | Path) -> str:
              "| # | prompt | base | tuned |", "|---|---|---|---|"]
     for n, row in enumerate(rows, 1):
         lines.append(f"| {n} | {_cell(row.question)} | {_cell(_mark(row.base))} | {_cell(_mark(row.tuned))} |")
-    lines += ["", f"`...` = cut by the token limit before the end of the turn. Ended their turn: base "
-                  f"{sum(r.base.stopped for r in rows)}/{len(rows)}, tuned {sum(r.tuned.stopped for r in rows)}/{len(rows)}.", ""]
+    lines += ["", f"`...` = cut by the token limit before the end of the turn. Ended their turn: {_ended(rows)}.", ""]
     return "\n".join(lines)

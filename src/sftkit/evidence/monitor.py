@@ -50,7 +50,7 @@ def read_reference(path: str | Path) -> list[str]:
             if line.strip():
                 row = json.loads(line)
                 if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                    raise ConfigError(f"eval.reference_data: {path}:{number}: expected an object with a \"text\" string")
+                    raise ConfigError(f"eval.reference_data: {path}:{number}: expected an object with a text string")
                 docs.append(row["text"])
     else:
         docs = [part.strip() for part in raw.split("\n\n")]
@@ -88,6 +88,10 @@ def perplexity(model: PreTrainedModel, examples: list[Tokenized], batch_size: in
     return math.exp(min(total / max(tokens, 1), 50.0))
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 class Monitor:
     """Forgetting and overfitting checks of one run (see the module docstring)."""
 
@@ -97,6 +101,9 @@ class Monitor:
         for name, on in (("keep_best", tc.keep_best), ("early_stopping_patience", tc.early_stopping_patience)):
             if on and not has_eval:
                 raise ConfigError(f"train.{name}: needs an eval split (data.eval or data.eval_fraction)")
+        if tc.keep_best and tc.strategy == "fsdp" and _distributed():
+            raise ConfigError("train.keep_best: not with train.strategy=fsdp yet (best/ would need the sharded "
+                              "model gathered); use train.strategy=ddp, or train.save_every and the eval losses")
         if tc.early_stopping_patience and not (tc.eval_every or tc.eval_every_epoch):
             raise ConfigError("train.early_stopping_patience: needs evaluations during training "
                               "(train.eval_every or train.eval_every_epoch)")
@@ -162,12 +169,16 @@ class Monitor:
         return False
 
     def save_best(self, model: PreTrainedModel, record: dict[str, Any]) -> Path:
-        """`output_dir/best/`: written to best.tmp/, then renamed over the previous best."""
+        """`output_dir/best/`: written to best.tmp/, then renamed over the previous best (under torchrun with DDP,
+        by rank 0 while the others wait: every rank holds the same whole model)."""
         target = under(self.out, "best")
-        with atomic_dir(target) as tmp:
-            save_hf_dir(tmp, model, self.tokenizer, self.eos_ids)
-            self.config.dump(tmp / "sftkit_config.yaml")
-            (tmp / "best.json").write_text(json.dumps({k: record[k] for k in ("step", "epoch", "eval_loss")}))
+        if not _distributed() or torch.distributed.get_rank() == 0:
+            with atomic_dir(target) as tmp:
+                save_hf_dir(tmp, model, self.tokenizer, self.eos_ids)
+                self.config.dump(tmp / "sftkit_config.yaml")
+                (tmp / "best.json").write_text(json.dumps({k: record[k] for k in ("step", "epoch", "eval_loss")}))
+        if _distributed():
+            torch.distributed.barrier()
         return target
 
     def postfix(self, record: dict[str, Any]) -> dict[str, str]:
