@@ -27,7 +27,8 @@ collectives of the forward and backward still line up.
 Checkpoints of a torchrun run hold the model and optimizer as `torch.distributed.checkpoint`
 shards (`shards/`, keyed by the parameters' Hugging Face names; LoRA: the adapter only) beside
 the usual files and a torch RNG state per rank; they resume on any number of ranks, one plain
-process included. `final/` is one plain Hugging Face directory, gathered and written by rank 0.
+process included, and a one-process checkpoint resumes on many. `final/` is one plain Hugging Face
+directory, gathered and written by rank 0.
 Only rank 0 prints, logs and writes files (other ranks' stdout goes to /dev/null; stderr stays).
 """
 
@@ -197,17 +198,29 @@ class Local:
 
     def load_training_state(self, checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                             scheduler: Any, metrics_file: Path) -> dict[str, Any]:
-        """Optimizer, scheduler, RNG and metrics (and, from shards, the weights) of `checkpoint`; its state."""
-        if not (checkpoint / SHARDS).is_dir():
+        """Optimizer, scheduler, RNG and metrics (and, from shards, the weights) of `checkpoint`; its state.
+
+        Any checkpoint on any number of ranks: shards are resharded to this run's layout; a one-process
+        checkpoint's optimizer.pt is spread over the ranks (its weights were loaded by `setup_model`)."""
+        sharded = (checkpoint / SHARDS).is_dir()
+        if not sharded and not self.launched:
             return ckpt.load_training_state(checkpoint, optimizer, scheduler, metrics_file)
         from torch.distributed.checkpoint import load
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_optimizer_state_dict, set_state_dict
 
-        model_state, optim_state = get_state_dict(model, optimizer, options=_state_options())
-        shards = {"model": model_state, "optimizer": optim_state}
-        load(shards, checkpoint_id=checkpoint / SHARDS)  # resharded to this run's ranks and layout
-        set_state_dict(model, optimizer, model_state_dict=shards["model"], optim_state_dict=shards["optimizer"],
-                       options=_state_options(strict=False))  # strict would want the frozen base too (LoRA)
+        if sharded:
+            model_state, optim_state = get_state_dict(model, optimizer, options=_state_options())
+            shards = {"model": model_state, "optimizer": optim_state}
+            load(shards, checkpoint_id=checkpoint / SHARDS)  # resharded to this run's ranks and layout
+            set_state_dict(model, optimizer, model_state_dict=shards["model"], optim_state_dict=shards["optimizer"],
+                           options=_state_options(strict=False))  # strict would want the frozen base too (LoRA)
+        else:  # optimizer.pt numbers the parameters in the optimizer's order; DCP wants their names
+            saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+            names = {id(p): name for name, p in model.named_parameters()}
+            order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+            named = {"state": {order[i]: value for i, value in saved["state"].items()},
+                     "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in saved["param_groups"]]}
+            set_optimizer_state_dict(model, optimizer, named, options=_state_options(full_state_dict=True))
         scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
         state = json.loads((checkpoint / ckpt.STATE_FILE).read_text())
         own = checkpoint / f"rng-rank{self.rank}.pt"  # another rank count: rank 0's state
