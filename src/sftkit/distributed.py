@@ -249,8 +249,6 @@ class Distributed(Local):
         self.is_main = self.rank == 0
         self.strategy = train.strategy
         self.module: nn.Module | None = None
-        if train.keep_best:
-            raise ConfigError("train.keep_best: not supported under torchrun yet (final/ and checkpoints are)")
         requested = resolve_device(train.device)
         if requested.type == "cuda":
             self.device = torch.device("cuda", self.local_rank)
