@@ -287,3 +287,12 @@ def test_a_one_process_checkpoint_resumes_on_two_ranks(recipe: Path, tmp_path: P
                  tmp_path / "again.log"))  # the HF weights loaded on every rank, optimizer.pt sharded
     assert losses(again) == pytest.approx(losses(runs["single"]), abs=LOSS_TOLERANCE)
     assert max_weight_difference(runs["single"], again) < WEIGHT_TOLERANCE
+
+
+@pytest.mark.slow
+def test_packed_rows_under_fsdp(recipe: Path, tmp_path: Path) -> None:
+    packed = ("data.packing=true", "data.max_length=128")  # 9 examples -> 6 rows; batch_size counts rows
+    finish(start(single(recipe, tmp_path / "single", *packed, "train.batch_size=2"), tmp_path / "single.log"))
+    finish(start(torchrun(recipe, tmp_path / "fsdp", *packed, "train.batch_size=1", "train.strategy=fsdp"),
+                 tmp_path / "fsdp.log"))
+    assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "single"), abs=LOSS_TOLERANCE)
