@@ -141,7 +141,7 @@ class Local:
     rank, world, is_main, launched = 0, 1, True, False
 
     def __init__(self, train: TrainConfig | None = None) -> None:
-        self.device = resolve_device(train.device if train else "auto")
+        self.device = resolve_device(train.device) if train else torch.device("cpu")  # LOCAL: no CUDA probe
 
     def __enter__(self) -> Local:
         return self
