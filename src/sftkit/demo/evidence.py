@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -99,15 +100,21 @@ def sft(setup: Setup, name: str, **changes: Any) -> Path:
     config = Config.from_dict(recipe(setup, name, **changes))
     out = Path(config.output_dir)
     done, weights = out / "final" / "sftkit_config.yaml", file_sha256(setup.base / "model.safetensors")
-    if (done.is_file() and yaml.safe_load(done.read_text()) == config.to_dict()
+    if (done.is_file() and _same_run(yaml.safe_load(done.read_text()), config.to_dict())
             and (out / "base.sha256").is_file() and (out / "base.sha256").read_text() == weights):
         print(f"evidence    reusing {out} (same config, same base model)")
         return out
+    shutil.rmtree(out, ignore_errors=True)  # no checkpoint of an older run may be scored as this one's
     start = time.perf_counter()
     train(config)
     (out / "seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
     (out / "base.sha256").write_text(weights)
     return out
+
+
+def _same_run(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Same config, wherever the base model lies (its weights are compared by sha256)."""
+    return {**a, "model": {**a["model"], "path": None}} == {**b, "model": {**b["model"], "path": None}}
 
 
 # -- questions and answers ----------------------------------------------------------------------
