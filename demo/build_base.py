@@ -11,7 +11,8 @@ Steps, all deterministic for a given --seed:
      written to runs/demo-base/init/ (`sftkit.demo.base`);
   3. pre-training by sftkit itself: `sftkit train demo/pretrain.yaml` (strategy `all`, every
      token of the raw documents trained), into runs/demo-base/pretrain/;
-  4. final/ copied to demo/base-model/ — the model `sftkit demo` starts from (committed, < 25 MB).
+  4. the weights of final/ with the initial, template-free tokenizer written to demo/base-model/
+     — the model `sftkit demo` starts from (committed, < 25 MB; `sftkit.demo.base.save_base_model`).
 """
 
 from __future__ import annotations
@@ -26,16 +27,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from sftkit.demo.base import BaseModelSpec, train_tokenizer, write_initial_model  # noqa: E402
+from sftkit.demo.base import BaseModelSpec, save_base_model, train_tokenizer, write_initial_model  # noqa: E402
 from sftkit.demo.dataset import read_jsonl, write_demo_data  # noqa: E402
 
 DATA = ROOT / "demo" / "data"
 BASE_MODEL = ROOT / "demo" / "base-model"
 RECIPE = ROOT / "demo" / "pretrain.yaml"
 MAX_MODEL_BYTES = 25 * 1024 * 1024
-# What a plain Hugging Face model directory needs; run bookkeeping in final/ is not copied.
-MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-               "tokenizer_config.json", "special_tokens_map.json")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -79,21 +77,15 @@ def pretrain(init: Path, work: Path, overrides: list[str]) -> Path:
     return work / "pretrain" / "final"
 
 
-def install(final: Path) -> None:
-    """Copy the model files of `final` to demo/base-model/, refusing a chat template or a big model."""
-    if (final / "chat_template.jinja").exists():
-        raise RuntimeError(f"{final} has a chat template: the demo base model must not have one")
+def install(final: Path, init: Path) -> None:
+    """Write the pre-trained weights of `final` with `init`'s tokenizer to demo/base-model/, within budget."""
     missing = [name for name in ("config.json", "model.safetensors", "tokenizer.json") if not (final / name).is_file()]
     if missing:
         raise RuntimeError(f"{final} lacks {', '.join(missing)}")
-    size = (final / "model.safetensors").stat().st_size
-    if size > MAX_MODEL_BYTES:
-        raise RuntimeError(f"{final}/model.safetensors is {size / 2**20:.1f} MiB, over the 25 MiB budget")
     shutil.rmtree(BASE_MODEL, ignore_errors=True)
-    BASE_MODEL.mkdir(parents=True)
-    for name in MODEL_FILES:
-        if (final / name).is_file():
-            shutil.copy2(final / name, BASE_MODEL / name)
+    size = save_base_model(final, init, BASE_MODEL)
+    if size > MAX_MODEL_BYTES:
+        raise RuntimeError(f"{BASE_MODEL}/model.safetensors is {size / 2**20:.1f} MiB, over the 25 MiB budget")
     print(f"base model  {BASE_MODEL} ({size / 2**20:.1f} MiB of weights)")
 
 
@@ -103,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.data_only:
         return
     init = write_init(args.work, args.seed, args.vocab_size)
-    install(pretrain(init, args.work, args.overrides))
+    install(pretrain(init, args.work, args.overrides), init)
 
 
 if __name__ == "__main__":

@@ -103,3 +103,32 @@ def write_initial_model(
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return sum(p.numel() for p in model.parameters())
+
+
+def save_base_model(pretrained: str | Path, init: str | Path, out_dir: str | Path) -> int:
+    """Write the pre-trained weights of `pretrained` with the plain tokenizer of `init` to `out_dir`.
+
+    `sftkit train` always renders with a chat template, so pre-training ran with the built-in
+    ChatML one, which appended `<|im_start|>` / `<|im_end|>` to the vocabulary. Raw text never
+    contains them, so their rows were never trained; they are cut off here (they are the last rows),
+    and the base model leaves with the tokenizer it was initialised with: no template, no chat tokens.
+    Returns the size of model.safetensors in bytes.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(init, local_files_only=True)
+    trained = AutoTokenizer.from_pretrained(pretrained, local_files_only=True)
+    plain, grown = tokenizer.get_vocab(), trained.get_vocab()
+    if any(grown.get(token) != index for token, index in plain.items()):
+        raise ValueError(f"{pretrained}: its tokenizer does not extend {init}'s; was it pre-trained from {init}?")
+    model = AutoModelForCausalLM.from_pretrained(pretrained, local_files_only=True, use_safetensors=True)
+    model.resize_token_embeddings(len(tokenizer))
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(out)
+    return (out / "model.safetensors").stat().st_size
