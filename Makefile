@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev,lora,bench]'
 	touch $(STAMP)
 
+# base model vs SFT on held-out facts, offline, under 5 minutes on 2 CPU cores -> runs/demo/ (see README)
 demo: setup
-	$(BIN)/sftkit data preview --tokenizer tests/assets/tokenizers/qwen2.5 --data tests/assets/data/chat_messages.jsonl --limit 3
+	$(BIN)/sftkit demo
 
 # the claims about SFT, each a controlled run on the demo base model -> reports/evidence.md (~20 min on 2 CPU cores)
 evidence: setup

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from sftkit.generate import generate_reply
+from sftkit.generate import encode_prompt, stop_ids
 
 _SENTENCE_END = re.compile(r"(?<=[.?!])\s|\n")
 
@@ -55,27 +55,45 @@ def judge(reply: str, expected: str, country: str) -> Verdict:
 
 
 @torch.no_grad()
+def generate_batched(
+    model: PreTrainedModel, prompts: list[list[int]], stops: list[int], pad_id: int, max_new_tokens: int,
+    batch_size: int = 32,
+) -> list[list[int]]:
+    """Greedy continuations of token-id prompts, `batch_size` at a time (left-padded), each cut after its
+    first stop id. Batching is what keeps the demo's few hundred questions within seconds on a CPU."""
+    model.eval()
+    results: list[list[int]] = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i : i + batch_size]
+        width = max(map(len, chunk))
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk], device=model.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=model.device)
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, top_p=None,
+            top_k=None, temperature=None, eos_token_id=stops, pad_token_id=pad_id,
+        )
+        for row in out[:, width:].tolist():
+            cut = next((j for j, t in enumerate(row) if t in stops), len(row))
+            results.append(row[:cut])
+    return results
+
+
 def ask_base(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, questions: list[str], max_new_tokens: int = 24
 ) -> list[str]:
-    """Greedy plain-text continuations of each question (what a base model does with it)."""
-    model.eval()
-    replies = []
-    for text in questions:
-        ids = tokenizer(text, return_tensors="pt").input_ids.to(model.device)
-        out = model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        )
-        replies.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
-    return replies
+    """Greedy plain-text continuations of each question (what a base model does with it), after `<s>`."""
+    prompts = [tokenizer(q).input_ids for q in questions]
+    outs = generate_batched(model, prompts, [tokenizer.eos_token_id], tokenizer.pad_token_id, max_new_tokens)
+    return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in outs]
 
 
 def ask_chat(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, questions: list[str], max_new_tokens: int = 32
 ) -> list[str]:
-    """Greedy replies of a fine-tuned model, each question a fresh one-turn conversation."""
-    return [
-        generate_reply(model, tokenizer, [{"role": "user", "content": q}], max_new_tokens=max_new_tokens).text
-        for q in questions
-    ]
+    """Greedy replies of a fine-tuned model, each question a fresh one-turn conversation in its chat
+    template (`sftkit.generate.encode_prompt`, as `sftkit generate` does), ending at the end of the turn."""
+    prompts = [encode_prompt(tokenizer, [{"role": "user", "content": q}]) for q in questions]
+    stops = stop_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    outs = generate_batched(model, prompts, stops, pad, max_new_tokens)
+    return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in outs]
