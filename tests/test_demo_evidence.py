@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sftkit.demo.evidence import NEVER, Setup, corrupt, question_sets
-from sftkit.demo.evidence_report import knowledge, learning_rate
+from sftkit.demo.evidence_report import epochs, knowledge, learning_rate
 from sftkit.demo.world import COUNTRIES, split_countries
 
 ROWS = [{"messages": [{"role": "user", "content": "What is the capital of France?"},
@@ -45,3 +45,16 @@ def test_verdicts_follow_their_rules() -> None:
     lr = {f"{x:g}": {"lr": x, "reference_ppl": [5.0, ppl], "held-out": score(c), "weights": {"median_relative": 0.1}}
           for x, ppl, c in ((1e-4, 5.1, 0.5), (1e-3, 5.5, 0.6), (1e-2, 9.0, 0.2))}
     assert learning_rate({"lr": lr})[2] == "supports"
+
+
+def test_overfitting_verdict_reads_every_learning_rate() -> None:
+    def run(lr: float, losses: list[float], held: list[float]) -> dict:
+        history = [{"epoch": float(i + 1), "eval_loss": x} for i, x in enumerate(losses)]
+        return {"lr": lr, "history": history, "best": {"epoch": 1.0},
+                "checkpoints": [{"held-out": {"correct": c}} for c in held]}
+
+    steady = run(1e-4, [2.0, 1.5, 1.2], [0.5, 0.8, 0.9])
+    overfit = run(1e-3, [1.0, 0.5, 0.8], [0.6, 0.5, 0.2])
+    assert epochs({"epochs": [steady, overfit]})[2] == "partly"
+    assert epochs({"epochs": [overfit, overfit]})[2] == "supports"
+    assert epochs({"epochs": [steady, steady]})[2] == "does not support"

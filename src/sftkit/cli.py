@@ -13,6 +13,7 @@
     sftkit diff BASE TUNED [--png FILE] [--threshold 0.01] [--per-tensor] [--json FILE]
     sftkit compare BASE TUNED --prompts FILE [--out FILE.md] [--max-new-tokens N]
     sftkit demo [--out DIR] [--base DIR] [--epochs N] [--lr LR]
+    sftkit demo --evidence [--base DIR]            # = make evidence: reports/evidence.md
 """
 
 from __future__ import annotations
@@ -321,11 +322,18 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--base", help="pre-trained base model (default: the repository's demo/base-model)")
     p.add_argument("--epochs", type=int, default=3, help="SFT epochs (default 3)")
     p.add_argument("--lr", type=float, default=1e-4, help="SFT peak learning rate (default 1e-4)")
+    p.add_argument("--evidence", action="store_true",
+                   help="instead: the claims about SFT as controlled runs -> reports/evidence.md (make evidence)")
     p.set_defaults(func=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     from sftkit.demo.run import DEFAULT_BASE, DemoOptions, run_demo
+
+    if args.evidence:
+        from sftkit.demo.evidence import main as evidence
+
+        return evidence(["--base", str(args.base or DEFAULT_BASE)])
 
     run_demo(DemoOptions(out=args.out, base=args.base or DEFAULT_BASE, epochs=args.epochs, lr=args.lr))
     return 0

@@ -1,6 +1,6 @@
 """The claims people make about SFT, each reproduced as a controlled run on the demo world.
 
-    make evidence                                       # = python -m sftkit.demo.evidence
+    make evidence                                       # = python -m sftkit.demo.evidence = sftkit demo --evidence
     python -m sftkit.demo.evidence --base demo/base-model --out reports --work runs/evidence
 
 Every run fine-tunes the committed demo base model (`demo/base-model/`, pre-trained on the demo
@@ -10,7 +10,7 @@ thing against the main run:
     main        assistant-only loss, the recipe below                    -> answering, knowledge, weights
     all-tokens  data.strategy=all                                        -> loss masking
     lr-*        train.lr swept (the main run is one of them)             -> forgetting
-    epochs      a 128-conversation subset, 20 epochs, a checkpoint per epoch -> overfitting
+    epochs-*    a 128-conversation subset, 20 epochs, a checkpoint per epoch, lr 1e-4 and 1e-3 -> overfitting
     clean-small / noisy-large   300 clean conversations vs all of them with 50% of the facts
                 swapped for another country's, the same number of optimizer steps -> quality vs quantity
 
@@ -75,8 +75,9 @@ class Setup:
 def recipe(setup: Setup, name: str, **changes: Any) -> dict[str, Any]:
     """The main SFT recipe as a config dict, with `changes` as dotted keys (`train.lr`).
 
-    The same recipe as `sftkit demo` (sftkit.demo.run.sft_config): ChatML, assistant-only loss, lr 1e-4,
-    3 epochs of batch 16; plus an eval per epoch on sft_eval.jsonl and the forgetting monitor."""
+    The recipe of `sftkit demo` (sftkit.demo.run.sft_config: ChatML, assistant-only loss, lr 1e-4, 3 epochs of
+    batch 16), in plain padded batches (the demo groups them by length, for speed only), plus an eval per epoch
+    on sft_eval.jsonl and the forgetting monitor."""
     raw: dict[str, Any] = {
         "model": {"path": str(setup.base), "dtype": "float32"},
         "data": {"train": str(setup.data / "sft_train.jsonl"), "eval": str(setup.data / "sft_eval.jsonl"),
@@ -224,7 +225,8 @@ def run_all(setup: Setup) -> dict[str, Any]:
     setup.work.mkdir(parents=True, exist_ok=True)
     write_reference(setup)
     sets = question_sets(setup)
-    results: dict[str, Any] = {"setup": {k: str(v) for k, v in asdict(setup).items()},
+    results: dict[str, Any] = {"setup": {**{k: str(v) for k, v in asdict(setup).items()},
+                                         "base_sha256": file_sha256(setup.base / "model.safetensors")},
                                "questions": {k: len(v) for k, v in sets.items()}}
 
     def score(run_dir: Path, name: str) -> dict[str, Any]:
@@ -261,20 +263,17 @@ def run_all(setup: Setup) -> dict[str, Any]:
                             "weights": weight_diff(setup.base, run / "final").summary()}
     results["lr"] = sweep
 
-    # 6. epochs and overfitting: a small subset, many epochs, a checkpoint per epoch
+    # 6. epochs and overfitting: a small subset, many epochs, a checkpoint per epoch; the main lr, then 10x
     subset = setup.work / "sft_train_128.jsonl"
     write_jsonl(subset, read_jsonl(setup.data / "sft_train.jsonl")[:128])
-    epochs_run = sft(setup, "epochs", **{"data.train": str(subset), "train.epochs": 20,
-                                         "train.save_every": 8, "train.keep_checkpoints": None,
-                                         "train.keep_best": True})
-    per_epoch = []
-    for checkpoint in sorted((epochs_run / "checkpoints").glob("step-*"), key=lambda p: int(p.name[5:])):
-        per_epoch.append({"step": int(checkpoint.name[5:]), "held-out": score(checkpoint, "held-out"),
-                          "trained": score(checkpoint, "trained")})
-    per_epoch.append({"step": "final", "held-out": score(epochs_run / "final", "held-out"),
-                      "trained": score(epochs_run / "final", "trained")})
-    results["epochs"] = {"history": metrics(epochs_run), "checkpoints": per_epoch, "steps_per_epoch": 8,
-                         "best": json.loads((epochs_run / "best" / "best.json").read_text())}
+    results["epochs"] = []
+    for name, lr in (("epochs", 1e-4), ("epochs-lr0.001", 1e-3)):
+        run = sft(setup, name, **{"data.train": str(subset), "train.epochs": 20, "train.lr": lr, "train.save_every": 8,
+                                  "train.keep_checkpoints": None, "train.keep_best": True})
+        ckpts = sorted((run / "checkpoints").glob("step-*"), key=lambda p: int(p.name[5:])) + [run / "final"]
+        per_epoch = [{"held-out": score(c, "held-out"), "trained": score(c, "trained")} for c in ckpts]
+        results["epochs"].append({"lr": lr, "history": metrics(run), "checkpoints": per_epoch, "steps_per_epoch": 8,
+                                  "best": json.loads((run / "best" / "best.json").read_text())})
 
     # 7. quality vs quantity: the same number of optimizer steps
     rows = read_jsonl(setup.data / "sft_train.jsonl")

@@ -89,20 +89,28 @@ def learning_rate(r: dict[str, Any]) -> tuple[str, str, str, str]:
     return f"{len(runs)} learning rates, otherwise the main run", measured, verdict, rule
 
 
-def epochs(r: dict[str, Any]) -> tuple[str, str, str, str]:
-    e = r["epochs"]
+def _overfits(e: dict[str, Any]) -> tuple[bool, bool, str]:
+    """(eval loss rose > 5% over its minimum, held-out accuracy fell > 5 points from its peak, figures) of one run."""
     losses = [(row["epoch"], row["eval_loss"]) for row in e["history"] if "eval_loss" in row]
     best_epoch, best = min(losses, key=lambda x: x[1])
     last_epoch, last = losses[-1]
     held = [c["held-out"]["correct"] for c in e["checkpoints"]]
-    rises = last > best * 1.05
-    falls = held[-1] < max(held) - 0.05
-    verdict = "supports" if rises and falls else "partly" if rises or falls else "does not support"
-    measured = (f"eval loss lowest {best:.3f} at epoch {best_epoch:g}, {last:.3f} at epoch {last_epoch:g}; held-out "
-                f"correct peaks at {pct(max(held))} (epoch {held.index(max(held)) + 1}), {pct(held[-1])} at the end; "
-                f"train.keep_best kept epoch {e['best']['epoch']:g} as best/")
-    rule = "supports when the last eval loss is > 5% over its minimum and held-out accuracy falls > 5 points"
-    return f"128 conversations, {last_epoch:g} epochs, a checkpoint per epoch", measured, verdict, rule
+    text = (f"lr {e['lr']:g}: eval loss lowest {best:.3f} at epoch {best_epoch:g}, {last:.3f} at epoch {last_epoch:g}; "
+            f"held-out correct peaks at {pct(max(held))} (epoch {held.index(max(held)) + 1}), {pct(held[-1])} at "
+            f"the end; train.keep_best kept epoch {e['best']['epoch']:g}")
+    return last > best * 1.05, held[-1] < max(held) - 0.05, text
+
+
+def epochs(r: dict[str, Any]) -> tuple[str, str, str, str]:
+    runs = [_overfits(e) for e in r["epochs"]]
+    main_rises, main_falls, _ = runs[0]
+    shown = [rises and falls for rises, falls, _ in runs]
+    verdict = ("supports" if all(shown) else "partly" if any(shown) or main_rises or main_falls
+               else "does not support")
+    measured = "; ".join(text for _, _, text in runs)
+    rule = ("supports when, at every lr, the last eval loss is > 5% over its minimum and held-out accuracy falls "
+            "> 5 points; partly when only some runs show it")
+    return "128 conversations, 20 epochs, a checkpoint per epoch, two lr", measured, verdict, rule
 
 
 def quality(r: dict[str, Any]) -> tuple[str, str, str, str]:
@@ -119,6 +127,29 @@ CLAIMS = (("SFT makes the base model answer", answering), ("SFT teaches behaviou
           ("SFT barely changes the weights", weights), ("Loss masking (assistant only) matters", masking),
           ("High learning rate -> catastrophic forgetting", learning_rate),
           ("Too many epochs -> overfitting", epochs), ("Quality beats quantity", quality))
+
+
+def observations(r: dict[str, Any]) -> list[str]:
+    """Figures behind the verdicts, taken from the results; the sentences around them are fixed text."""
+    never, a, e = r["main"]["sft"]["never"], r["masking"]["assistant"]["held-out"], r["masking"]["all"]["held-out"]
+    q = r["quality"]
+    lines = [
+        f"- Made-up countries: the SFT model answered {pct(never['answered'])} of the questions and was right on "
+        f"{pct(never['correct'])}; it states a fact about some real country instead, e.g. "
+        f"*{never['examples'][0]['q']}* -> {never['examples'][0]['reply']!r}. SFT taught the answer format, not the "
+        "facts, nor to say it does not know.",
+        f"- All tokens trained: replies ended their turn {pct(e['stopped'])} of the time (assistant-only "
+        f"{pct(a['stopped'])}), {e['words']:.0f} words on average ({a['words']:.0f}): the model also learnt to write "
+        f"the user's side, e.g. {r['masking']['all']['held-out']['examples'][0]['reply']!r}.",
+    ]
+    for x in sorted(r["lr"].values(), key=lambda x: x["lr"]):
+        lines.append(f"- lr {x['lr']:g}: trained countries {pct(x['trained']['correct'])} correct, held-out "
+                     f"{pct(x['held-out']['correct'])}; reference perplexity {x['reference_ppl'][0]:.2f} -> "
+                     f"{x['reference_ppl'][-1]:.2f}; median layer change {x['weights']['median_relative']:.3f}.")
+    lines.append(f"- Quality: {q['clean_rows']} clean conversations seen {q['steps'] * 16 / q['clean_rows']:.0f} times "
+                 f"each vs {q['noisy_rows']} ({q['corrupted']} with swapped facts) seen "
+                 f"{q['steps'] * 16 / q['noisy_rows']:.0f} times, {q['steps']} steps of 16 each.")
+    return lines
 
 
 # -- plots --------------------------------------------------------------------------------------
@@ -160,20 +191,22 @@ def plot_lr(r: dict[str, Any], path: Path) -> Path:
 
 def plot_epochs(r: dict[str, Any], path: Path) -> Path:
     plt = _plt()
-    e = r["epochs"]
-    fig, a = plt.subplots(figsize=(7, 3.5))
-    evals = [(row["epoch"], row["eval_loss"]) for row in e["history"] if "eval_loss" in row]
-    train = [(row["epoch"], row["loss"]) for row in e["history"] if "loss" in row]
-    a.plot(*zip(*train), color="tab:gray", alpha=0.6, label="train loss")
-    a.plot(*zip(*evals), "o-", color="tab:blue", label="eval loss")
-    a.set_xlabel("epoch")
-    a.set_ylabel("loss")
-    b = a.twinx()
-    held = [c["held-out"]["correct"] for c in e["checkpoints"]]
-    b.plot(range(1, len(held) + 1), held, "s--", color="tab:red", label="held-out correct")
-    b.set_ylim(0, 1)
-    b.set_ylabel("held-out correct")
-    fig.legend(loc="upper center", ncol=3, fontsize=8)
+    fig, axes = plt.subplots(1, len(r["epochs"]), figsize=(6 * len(r["epochs"]), 3.5), squeeze=False)
+    for a, e in zip(axes[0], r["epochs"]):
+        evals = [(row["epoch"], row["eval_loss"]) for row in e["history"] if "eval_loss" in row]
+        train = [(row["epoch"], row["loss"]) for row in e["history"] if "loss" in row]
+        a.plot(*zip(*train), color="tab:gray", alpha=0.6, label="train loss")
+        a.plot(*zip(*evals), "o-", color="tab:blue", label="eval loss")
+        a.set_xlabel("epoch")
+        a.set_ylabel("loss")
+        a.set_title(f"128 conversations, lr {e['lr']:g}", fontsize=10)
+        b = a.twinx()
+        held = [c["held-out"]["correct"] for c in e["checkpoints"]]
+        b.plot(range(1, len(held) + 1), held, "s--", color="tab:red", label="held-out correct")
+        b.set_ylim(0, 1)
+        b.set_ylabel("held-out correct")
+        lines = a.get_legend_handles_labels()[0] + b.get_legend_handles_labels()[0]
+        a.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="center right")
     return _save(fig, path, plt)
 
 
@@ -198,6 +231,8 @@ def write_report(r: dict[str, Any], out: str | Path) -> Path:
              f"Regenerate: `{COMMAND}` — {trained + other:.0f} min on a 2-core CPU shared with other jobs: "
              f"{trained:.1f} min of `sftkit train` over {len(r.get('seconds', {}))} runs, {other:.1f} min asking "
              "questions, diffing and plotting. Finished runs are reused when their config and base are unchanged.",
+             "", f"Base model: `{r['setup']['base']}` (model.safetensors sha256 "
+             f"{r['setup'].get('base_sha256', '?')[:12]}…); run directories under `{r['setup']['work']}`.",
              "", f"Questions per set: {', '.join(f'{k} {v}' for k, v in r['questions'].items())}. Greedy decoding; *answered* = the first sentence is a "
              "statement; *correct* = it names the expected fact (`sftkit.demo.score.judge`). *held-out* countries are "
              "only in pre-training; *never* are made-up countries in no data at all. Questions ask for a capital, a "
@@ -208,7 +243,7 @@ def write_report(r: dict[str, Any], out: str | Path) -> Path:
         run, measured, verdict, rule = fn(r)
         lines.append(f"| {claim} | {run} | {measured} | **{verdict}** |")
         rules.append(f"- {claim}: {rule}.")
-    lines += ["", "Verdict rules:", *rules, "",
+    lines += ["", "Verdict rules:", *rules, "", "## Observations", "", *observations(r), "",
               "![answering](evidence/answering.png)", "", "![weight change per layer](evidence/weight_diff.png)", "",
               "![learning rate](evidence/learning_rate.png)", "", "![epochs](evidence/epochs.png)", "",
               "## Sample replies (main run)", ""]
