@@ -3,6 +3,7 @@
     .venv/bin/python demo/build_base.py                 # data, tokenizer, random model, pre-training
     .venv/bin/python demo/build_base.py --data-only     # just rewrite demo/data/
     OMP_NUM_THREADS=1 .venv/bin/python demo/build_base.py train.epochs=8   # extra `sftkit train` overrides
+    .venv/bin/python demo/build_base.py --data /tmp/b/data --work /tmp/b --out /tmp/b/model train.max_steps=5  # smoke
 
 Steps, all deterministic for a given --seed:
   1. demo/data/: the world's split, the pre-training corpus and the SFT / held-out files
@@ -41,19 +42,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the split, the corpus and the model init")
     parser.add_argument("--vocab-size", type=int, default=3000, help="BPE vocabulary target (the corpus caps it)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "demo-base", help="scratch directory")
-    parser.add_argument("--data-only", action="store_true", help="only rewrite demo/data/")
+    parser.add_argument("--data", type=Path, default=DATA, help="where the data files go (default demo/data)")
+    parser.add_argument("--data-only", action="store_true", help="only rewrite the data files")
+    parser.add_argument("--out", type=Path, default=BASE_MODEL, help="base model directory (default demo/base-model)")
     parser.add_argument("overrides", nargs="*", help="extra `sftkit train` overrides, e.g. train.epochs=8")
     return parser.parse_args(argv)
 
 
-def write_data(seed: int) -> None:
-    counts = write_demo_data(DATA, seed)
+def write_data(data: Path, seed: int) -> None:
+    counts = write_demo_data(data, seed)
     print("data        " + ", ".join(f"{name} {n}" for name, n in counts.items()))
 
 
-def write_init(work: Path, seed: int, vocab_size: int) -> Path:
+def write_init(data: Path, work: Path, seed: int, vocab_size: int) -> Path:
     """Tokenizer + random model in work/init; returns that directory."""
-    documents = [row["text"] for row in read_jsonl(DATA / "pretrain.jsonl")]
+    documents = [row["text"] for row in read_jsonl(data / "pretrain.jsonl")]
     tokenizer = train_tokenizer(documents, vocab_size=vocab_size)
     tokens = sum(len(ids) + 1 for ids in tokenizer(documents)["input_ids"])  # + EOS per document
     init = work / "init"
@@ -64,11 +67,11 @@ def write_init(work: Path, seed: int, vocab_size: int) -> Path:
     return init
 
 
-def pretrain(init: Path, work: Path, overrides: list[str]) -> Path:
+def pretrain(data: Path, init: Path, work: Path, overrides: list[str]) -> Path:
     """Run `sftkit train` on the corpus; return its final/ directory."""
     sftkit = Path(sys.executable).parent / "sftkit"
     command = [str(sftkit) if sftkit.exists() else "sftkit", "train", str(RECIPE),
-               f"model.path={init}", f"data.train={DATA / 'pretrain.jsonl'}", f"output_dir={work / 'pretrain'}",
+               f"model.path={init}", f"data.train={data / 'pretrain.jsonl'}", f"output_dir={work / 'pretrain'}",
                *overrides]
     print("pre-train   " + " ".join(command), flush=True)
     start = time.perf_counter()
@@ -77,25 +80,26 @@ def pretrain(init: Path, work: Path, overrides: list[str]) -> Path:
     return work / "pretrain" / "final"
 
 
-def install(final: Path, init: Path) -> None:
-    """Write the pre-trained weights of `final` with `init`'s tokenizer to demo/base-model/, within budget."""
+def install(final: Path, init: Path, out: Path = BASE_MODEL) -> None:
+    """Write the pre-trained weights of `final` with `init`'s tokenizer to `out`, within the size budget."""
     missing = [name for name in ("config.json", "model.safetensors", "tokenizer.json") if not (final / name).is_file()]
     if missing:
         raise RuntimeError(f"{final} lacks {', '.join(missing)}")
-    shutil.rmtree(BASE_MODEL, ignore_errors=True)
-    size = save_base_model(final, init, BASE_MODEL)
+    shutil.rmtree(out, ignore_errors=True)
+    size = save_base_model(final, init, out)
     if size > MAX_MODEL_BYTES:
-        raise RuntimeError(f"{BASE_MODEL}/model.safetensors is {size / 2**20:.1f} MiB, over the 25 MiB budget")
-    print(f"base model  {BASE_MODEL} ({size / 2**20:.1f} MiB of weights)")
+        raise RuntimeError(f"{out}/model.safetensors is {size / 2**20:.1f} MiB, over the 25 MiB budget: "
+                           "shrink BaseModelSpec or --vocab-size")
+    print(f"base model  {out} ({size / 2**20:.1f} MiB of weights)")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    write_data(args.seed)
+    write_data(args.data, args.seed)
     if args.data_only:
         return
-    init = write_init(args.work, args.seed, args.vocab_size)
-    install(pretrain(init, args.work, args.overrides), init)
+    init = write_init(args.data, args.work, args.seed, args.vocab_size)
+    install(pretrain(args.data, init, args.work, args.overrides), init, args.out)
 
 
 if __name__ == "__main__":

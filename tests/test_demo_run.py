@@ -78,3 +78,23 @@ def test_full_demo_meets_the_targets(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert base <= 10 and figures.base_answered_heldout <= 10
     assert sft >= 70 and figures.sft_correct_heldout >= 70
     assert figures.total_seconds < 300
+
+
+def test_build_base_rebuilds_a_template_free_base_model(tmp_path: Path) -> None:
+    """demo/build_base.py end to end with 3 pre-training steps: data, tokenizer, `sftkit train`, install."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "demo" / "build_base.py"
+    out = tmp_path / "model"
+    done = subprocess.run(
+        [sys.executable, str(script), "--data", str(tmp_path / "data"), "--work", str(tmp_path / "work"),
+         "--out", str(out), "train.max_steps=3",
+         "train.log_every=1"], capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    tokenizer = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    assert not tokenizer.chat_template and "<|im_start|>" not in tokenizer.get_vocab()
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert f.get_slice("model.embed_tokens.weight").get_shape()[0] == len(tokenizer)
+    assert "pre-train   done" in done.stdout and "base model" in done.stdout
