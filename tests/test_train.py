@@ -192,3 +192,27 @@ def test_collate_pads_to_longest() -> None:
     assert batch["attention_mask"][0].tolist() == [1] * short + [0] * (width - short)
     assert batch["labels"][0, short:].eq(-100).all() and batch["input_ids"][0, short:].eq(tokenizer.pad_token_id).all()
     assert batch["labels"][1].tolist() == b.labels
+
+
+def test_pretraining_on_raw_text_needs_no_chat_template(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A base tokenizer without a template pre-trains on raw text (every token trained); a conversation
+    with the same tokenizer stops with a message that says which template setting to use."""
+    model_dir = save_tiny_model(config_path("gpt2"), tokenizer_dir("gpt2"), tmp_path / "tiny-gpt2")
+    assert not AutoTokenizer.from_pretrained(model_dir).chat_template
+    text = write_jsonl(tmp_path / "text.jsonl", [{"text": "The capital of France is Paris."}] * 16)
+    recipe = {"model": {"path": str(model_dir)}, "data": {"train": str(text), "strategy": "all", "max_length": 64},
+              "train": {"max_steps": 12, "batch_size": 4, "lr": 1e-2, "log_every": 1, "device": "cpu"},
+              "output_dir": str(tmp_path / "out")}
+    (tmp_path / "pretrain.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(tmp_path / "pretrain.yaml")]) == 0
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < losses[0] - 2.0
+    assert not AutoTokenizer.from_pretrained(tmp_path / "out" / "final").chat_template
+
+    chats = write_jsonl(tmp_path / "chats.jsonl", [{"messages": CHAT}])
+    recipe["data"] = {"train": str(chats)}
+    (tmp_path / "chat.yaml").write_text(yaml.safe_dump(recipe))
+    capsys.readouterr()
+    assert main(["train", str(tmp_path / "chat.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "has no chat template" in err and "data.template" in err and "chats.jsonl:1" in err

@@ -86,7 +86,8 @@ def load_model(
     directory = check_local_dir(path or config.path)
     device = device or resolve_device()
     tokenizer = load_tokenizer(directory, trust_remote_code=config.trust_remote_code)
-    added = prepare_tokenizer(tokenizer, template)
+    # No template is needed to pre-train on raw text; rendering a conversation without one says what to do.
+    added = prepare_tokenizer(tokenizer, template, required=False)
     if not any(directory.glob("*.safetensors")) and not config.allow_pickle:
         raise ModelError(f"model.path: {directory} has no *.safetensors weights (sftkit loads safetensors only; "
                          "model.allow_pickle=true also loads pickled .bin weights, which can run code)")

@@ -39,7 +39,7 @@ from transformers import PreTrainedTokenizerBase
 
 from sftkit.data.control import contains_control, control_pattern, encode_marked, find_unmarked, mark
 from sftkit.data.messages import Conversation, DataError, RawText, Record
-from sftkit.data.templates import find_end_of_turn
+from sftkit.data.templates import find_end_of_turn, missing_template_message
 
 IGNORE_INDEX = -100
 _CHUNK = 256
@@ -165,6 +165,9 @@ class Renderer:
             return _Plan(text, [(0, len(text))], record.source, add_special_tokens=True, append_eos=True, marked=marked)
         if not isinstance(record, Conversation):
             raise DataError("<unknown>", f"cannot render a {type(record).__name__}; expected Conversation or RawText")
+        if not self.tokenizer.chat_template:
+            raise DataError(record.source, "a conversation needs a chat template: " +
+                            missing_template_message(self.tokenizer), hint="raw text ({\"text\": ...}) needs none")
         chat = _Chat(record.as_template_dicts(), record.tools, record.source)
         marked = self.control is not None and contains_control([chat.messages, chat.tools], self.control)
         if marked:

@@ -83,20 +83,18 @@ class TemplateError(ValueError):
     """The tokenizer has no usable chat template, or the one asked for does not exist."""
 
 
-def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, template: str | None = None) -> list[str]:
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, template: str | None = None, *,
+                      required: bool = True) -> list[str]:
     """Make sure `tokenizer` carries a chat template; return the control tokens newly added to it.
 
-    `template`: None keeps the tokenizer's own template (an error if it has none); a built-in name
+    `template`: None keeps the tokenizer's own template (an error if it has none, unless not
+    `required`: pre-training on raw text needs none, and rendering a conversation says so); a built-in name
     (`chatml`, `llama3`, `mistral`) installs that one; a path to a `.jinja` file installs its text.
     The caller must resize the model's embeddings when the returned list is not empty.
     """
     if template is None:
-        if not tokenizer.chat_template:
-            raise TemplateError(
-                f"tokenizer {tokenizer.name_or_path!r} has no chat template — pick a built-in with "
-                f"`--template NAME` / `data.template: NAME` (one of {', '.join(BUILTIN_TEMPLATES)}) "
-                "or give a path to a .jinja file"
-            )
+        if not tokenizer.chat_template and required:
+            raise TemplateError(missing_template_message(tokenizer))
         return []
     if template in BUILTIN_TEMPLATES:
         return _install_builtin(tokenizer, BUILTIN_TEMPLATES[template])
@@ -106,6 +104,14 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, template: str | None =
         return []
     raise TemplateError(
         f"unknown chat template {template!r}: use one of {', '.join(BUILTIN_TEMPLATES)} or a path to a .jinja file"
+    )
+
+
+def missing_template_message(tokenizer: PreTrainedTokenizerBase) -> str:
+    return (
+        f"tokenizer {tokenizer.name_or_path!r} has no chat template — pick a built-in with "
+        f"`--template NAME` / `data.template: NAME` (one of {', '.join(BUILTIN_TEMPLATES)}) "
+        "or give a path to a .jinja file"
     )
 
 

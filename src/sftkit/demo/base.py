@@ -108,8 +108,8 @@ def write_initial_model(
 def save_base_model(pretrained: str | Path, init: str | Path, out_dir: str | Path) -> int:
     """Write the pre-trained weights of `pretrained` with the plain tokenizer of `init` to `out_dir`.
 
-    `sftkit train` always renders with a chat template, so pre-training ran with the built-in
-    ChatML one, which appended `<|im_start|>` / `<|im_end|>` to the vocabulary. Raw text never
+    The committed model was pre-trained with the built-in ChatML template installed (`sftkit train`
+    required one then; raw text no longer does), which appended `<|im_start|>` / `<|im_end|>` to the vocabulary. Raw text never
     contains them, so their rows were never trained; they are cut off here (they are the last rows),
     and the base model leaves with the tokenizer it was initialised with: no template, no chat tokens.
     Returns the size of model.safetensors in bytes.
