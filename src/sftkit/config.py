@@ -197,8 +197,8 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in the backward: less memory, about a third more compute."""
     compile: bool = False
-    """torch.compile each decoder layer (dynamic shapes): on a 2-core CPU 9-35% faster after about a minute of
-    compiling (bench/README.md). Off by default: that minute, and inductor needs a C++ compiler on CPU."""
+    """torch.compile each decoder layer (dynamic shapes). Off by default: compiling takes about a minute and
+    inductor needs a C++ compiler on CPU; whether it pays depends on the model and the machine — measure it."""
     strategy: str = "ddp"
     """How the processes of `torchrun` (or `sftkit train --nproc N`) share the work: ddp (each holds the whole
     model; DistributedDataParallel) | fsdp (FSDP2: weights, gradients and optimizer state sharded, one decoder
