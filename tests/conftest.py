@@ -47,3 +47,26 @@ def shared_file(relative: str) -> Path:
 
 
 requires_shared = pytest.mark.skipif(not HAVE_SHARED, reason="needs ../shared/data beside the checkout")
+
+
+def tiny_chat_recipe(root: Path, words: tuple[str, ...], train: dict) -> Path:
+    """A recipe for a 1-layer GPT-2 (ChatML added) learning to repeat a colour ("Say red." -> "red"),
+    with `train` as its train section; returns the recipe's path (model and data beside it)."""
+    import json
+
+    import yaml
+
+    from sftkit.model import save_tiny_model
+
+    model_dir = save_tiny_model(config_path("gpt2"), tokenizer_dir("gpt2"), root / "tiny-gpt2",
+                                layers=1, hidden=32, heads=2, intermediate=64)
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Say {w}."},
+                                                     {"role": "assistant", "content": w}]}) + "\n" for w in words))
+    path = root / "recipe.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": {"path": str(model_dir)},
+        "data": {"train": str(data), "template": "chatml"},
+        "train": train,
+    }))
+    return path

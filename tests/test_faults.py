@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 import sftkit.train as train_module
@@ -27,8 +26,7 @@ from sftkit import faults
 from sftkit.checkpoint import latest_checkpoint, verify_checkpoint
 from sftkit.cli import main
 from sftkit.faults import NanGuard, NumericalFault, OutputNotWritable, StopSignals, check_output_dir, gradient_norm
-from sftkit.model import save_tiny_model
-from tests.conftest import config_path, tokenizer_dir
+from tests.conftest import tiny_chat_recipe
 
 WORDS = ("red", "green", "blue", "yellow", "black", "white")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
@@ -38,19 +36,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", 
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("faults")
-    model_dir = save_tiny_model(config_path("gpt2"), tokenizer_dir("gpt2"), root / "tiny-gpt2",
-                                layers=1, hidden=32, heads=2, intermediate=64)
-    data = root / "train.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Say {w}."},
-                                                     {"role": "assistant", "content": w}]}) + "\n" for w in WORDS))
-    path = root / "recipe.yaml"
-    path.write_text(yaml.safe_dump({
-        "model": {"path": str(model_dir)},
-        "data": {"train": str(data), "template": "chatml"},
-        "train": {"max_steps": 5, "batch_size": 2, "lr": 1e-3, "log_every": 1, "save_every": 2, "device": "cpu",
-                  "sample_max_new_tokens": 2},
-    }))
-    return path
+    return tiny_chat_recipe(root, WORDS, {"max_steps": 5, "batch_size": 2, "lr": 1e-3, "log_every": 1,
+                                          "save_every": 2, "device": "cpu", "sample_max_new_tokens": 2})
 
 
 # -- SIGTERM / SIGINT ---------------------------------------------------------------------------

@@ -27,11 +27,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
-from sftkit.model import save_tiny_model
-from tests.conftest import config_path, tokenizer_dir
+from tests.conftest import tiny_chat_recipe
 
 STEPS = 20
 WORDS = ("red", "green", "blue", "yellow", "black", "white", "pink", "grey")
@@ -43,19 +41,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("kill")
-    model_dir = save_tiny_model(config_path("gpt2"), tokenizer_dir("gpt2"), root / "tiny-gpt2",
-                                layers=1, hidden=32, heads=2, intermediate=64)
-    data = root / "train.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Say {w}."},
-                                                     {"role": "assistant", "content": w}]}) + "\n" for w in WORDS))
-    path = root / "recipe.yaml"
-    path.write_text(yaml.safe_dump({
-        "model": {"path": str(model_dir)},
-        "data": {"train": str(data), "template": "chatml"},
-        "train": {"max_steps": STEPS, "batch_size": 2, "lr": 3e-3, "warmup_ratio": 0.1, "log_every": 1,
-                  "save_every": 2, "keep_checkpoints": 2, "device": "cpu", "sample_max_new_tokens": 2},
-    }))
-    return path
+    return tiny_chat_recipe(root, WORDS, {"max_steps": STEPS, "batch_size": 2, "lr": 3e-3, "warmup_ratio": 0.1,
+                                          "log_every": 1, "save_every": 2, "keep_checkpoints": 2, "device": "cpu",
+                                          "sample_max_new_tokens": 2})
 
 
 def train_command(recipe: Path, out: Path, *overrides: str) -> list[str]:
