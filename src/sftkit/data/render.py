@@ -14,6 +14,12 @@ and the reply is trained through its end-of-turn token (`<|im_end|>`, `<|eot_id|
 `<|end|>`, ...) so the model learns to stop. The text is tokenized once, and labels come from the
 tokenizer's character offsets, so they can never drift from the ids.
 
+Rendering every `p_i` costs time quadratic in the number of turns (each is as long as the chat so
+far). Beyond 8 replies, only replies 1, 2, 4, 8, ... and the last are checked that way; the others
+are located by the rule those checks confirm (a reply starts after the first generation prompt past
+the previous reply, e.g. `<|im_start|>assistant\n`, which users cannot spell once control tokens
+are sanitised). If a check disagrees, every reply is checked. Linear, and the same labels.
+
 Where a template breaks the prefix property the renderer is deterministic and counts it in
 `Renderer.warnings`, never guessing:
   prompt_rewritten   the template rewrites history before reply i (Mistral v0.3 moves the system
@@ -27,9 +33,8 @@ Where a template breaks the prefix property the renderer is deterministic and co
 from __future__ import annotations
 
 import bisect
-import multiprocessing as mp
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -39,10 +44,11 @@ from transformers import PreTrainedTokenizerBase
 
 from sftkit.data.control import contains_control, control_pattern, encode_marked, find_unmarked, mark
 from sftkit.data.messages import Conversation, DataError, RawText, Record
-from sftkit.data.templates import find_end_of_turn, missing_template_message
+from sftkit.data.templates import find_end_of_turn, find_generation_prompt, missing_template_message
 
 IGNORE_INDEX = -100
 _CHUNK = 256
+_ALL_EXACT = 8  # conversations with up to this many trained replies check every reply's own prefix render
 
 
 class Strategy(str, Enum):
@@ -108,7 +114,16 @@ class Renderer:
         self.max_length = max_length
         self.template_kwargs = dict(template_kwargs or {})
         self.end_of_turn = find_end_of_turn(tokenizer, self.template_kwargs) if tokenizer.chat_template else None
+        self.reply_header = self._reply_header()
         self.warnings: Counter[str] = Counter()
+
+    def _reply_header(self) -> str | None:
+        """The generation prompt, when it can locate replies in a long conversation: it must hold a
+        control token (which user text cannot spell once sanitised) and turns must end in one."""
+        if not self.tokenizer.chat_template or self.control is None or self.end_of_turn is None:
+            return None
+        header = find_generation_prompt(self.tokenizer, self.template_kwargs)
+        return header if header and self.control.search(header) else None
 
     # -- public ---------------------------------------------------------------------------------
     def render(self, record: Record) -> Tokenized:
@@ -178,7 +193,7 @@ class Renderer:
         replies = [i for i, m in enumerate(chat.messages) if m["role"] == "assistant"]
         if self.strategy is Strategy.LAST:
             replies = replies[-1:]
-        spans = [span for i in replies if (span := self._reply_span(chat, i, full))]
+        spans = [span for span in self._reply_spans(chat, replies, full) if span]
         if not spans:
             raise DataError(
                 record.source,
@@ -186,6 +201,40 @@ class Renderer:
                 hint=f"see the warnings ({dict(self.warnings)}); check the roles or pick another template",
             )
         return _Plan(full, spans, record.source, marked=marked)
+
+    def _reply_spans(self, chat: _Chat, replies: list[int], full: str) -> list[tuple[int, int] | None]:
+        """Spans of `replies` in `full`. Checking every reply against its own prefix render costs time
+        quadratic in the number of turns, so beyond `_ALL_EXACT` replies only replies 1, 2, 4, 8, ...
+        and the last are checked that way; the others are located by the rule those checks confirm:
+        a reply starts after the first reply header (the generation prompt) past the previous reply.
+        If any check disagrees with the rule, every reply is checked against its prefix render."""
+        if len(replies) <= _ALL_EXACT or self.reply_header is None:
+            return [self._reply_span(chat, i, full) for i in replies]
+        located = self._located_spans(full, len(replies))
+        checked = {2**j - 1 for j in range(len(replies).bit_length())} | {len(replies) - 1}
+        spans: list[tuple[int, int] | None] = [None] * len(replies)
+        for pos in sorted(checked):
+            spans[pos] = self._reply_span(chat, replies[pos], full)
+        if all(spans[pos] == located[pos] for pos in checked):
+            for pos in set(range(len(replies))) - checked:
+                self._check_tool_calls(chat, replies[pos], full[located[pos][0] : located[pos][1]])
+                spans[pos] = located[pos]
+            return spans
+        return [spans[pos] if pos in checked else self._reply_span(chat, i, full) for pos, i in enumerate(replies)]
+
+    def _located_spans(self, full: str, count: int) -> list[tuple[int, int] | None]:
+        """The first `count` reply spans by the header rule (None from the first that breaks it)."""
+        assert self.reply_header is not None
+        spans: list[tuple[int, int] | None] = []
+        after = 0
+        for _ in range(count):
+            at = find_unmarked(full, self.reply_header, after)
+            end = self._end_of_reply(full, at + len(self.reply_header)) if at >= 0 else None
+            if end is None:
+                return spans + [None] * (count - len(spans))
+            spans.append((at + len(self.reply_header), end))
+            after = end
+        return spans
 
     def _reply_span(self, chat: _Chat, i: int, full: str) -> tuple[int, int] | None:
         """Character span of reply `i` in `full`, or None when it cannot be trained faithfully."""
@@ -339,27 +388,6 @@ class RenderError(ValueError):
     """Invalid records stopped rendering; lists the first few with their sources."""
 
 
-_worker: Renderer | None = None
-
-
-def _init_worker(renderer: Renderer) -> None:
-    global _worker
-    _worker = renderer
-    _worker.warnings = Counter()
-
-
-def _render_chunk(chunk: Sequence[Record]) -> tuple[list[Tokenized | DataError], Counter[str]]:
-    assert _worker is not None
-    before = Counter(_worker.warnings)
-    results = _worker.render_many(chunk)
-    return results, _worker.warnings - before
-
-
-def _chunks(records: Sequence[Record]) -> Iterator[Sequence[Record]]:
-    for i in range(0, len(records), _CHUNK):
-        yield records[i : i + _CHUNK]
-
-
 def render_records(
     records: Sequence[Record],
     renderer: Renderer,
@@ -377,12 +405,14 @@ def render_records(
     report = RenderReport(examples=[])
     bar = tqdm(total=len(records), desc="render", unit="ex", disable=not progress)
     if num_proc > 1 and len(records) > _CHUNK:
-        with mp.get_context("fork").Pool(num_proc, initializer=_init_worker, initargs=(renderer,)) as pool:
-            for results, warnings in pool.imap(_render_chunk, _chunks(records)):
-                _collect(report, results, warnings, max_errors)
-                bar.update(len(results))
+        from sftkit.data.workers import render_in_pool  # imports this module
+
+        for results, warnings in render_in_pool(records, renderer, num_proc, _CHUNK):
+            _collect(report, results, warnings, max_errors)
+            bar.update(len(results))
     else:
-        for chunk in _chunks(records):
+        for start in range(0, len(records), _CHUNK):
+            chunk = records[start : start + _CHUNK]
             before = Counter(renderer.warnings)
             results = renderer.render_many(chunk)
             _collect(report, results, renderer.warnings - before, max_errors)

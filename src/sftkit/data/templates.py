@@ -12,6 +12,7 @@ then resizes its embeddings (`sftkit.model`).
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -158,6 +159,25 @@ def find_end_of_turn(tokenizer: PreTrainedTokenizerBase, template_kwargs: dict |
         return None
     match = control_token_pattern(tokenizer).search(full, at + len(probe_reply))
     return match.group(0) if match else None
+
+
+def find_generation_prompt(tokenizer: PreTrainedTokenizerBase, template_kwargs: dict | None = None) -> str | None:
+    """What `add_generation_prompt=True` appends after a user turn (`<|im_start|>assistant\n`,
+    `<|start_header_id|>assistant<|end_header_id|>\n\n`; empty for Mistral): the text after what the
+    prompt shares with the bare render (Phi-3 closes a bare chat with <|endoftext|> instead); None
+    when the template refuses the probe."""
+    kwargs = template_kwargs or {}
+    convo = [{"role": "user", "content": "sftkit probe question"}]
+    try:
+        bare = tokenizer.apply_chat_template(convo, tokenize=False, **kwargs)
+        prompt = tokenizer.apply_chat_template(convo, tokenize=False, add_generation_prompt=True, **kwargs)
+    except Exception:  # noqa: BLE001 - a template that refuses the probe simply gets no shortcut
+        return None
+    shared = len(os.path.commonprefix([bare, prompt]))
+    for token in control_token_pattern(tokenizer).finditer(prompt):  # never start inside a token ("<|")
+        if token.start() < shared < token.end():
+            shared = token.start()
+    return prompt[shared:]
 
 
 def end_of_turn_token_ids(tokenizer: PreTrainedTokenizerBase, template_kwargs: dict | None = None) -> list[int]:
