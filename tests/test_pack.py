@@ -19,7 +19,8 @@ from sftkit.cli import main
 from sftkit.data.dataset import Batcher, collate, length_grouped, window
 from sftkit.data.formats import load_records
 from sftkit.data.pack import best_fit_decreasing, block_causal_mask, collate_documents, pack
-from sftkit.data.render import IGNORE_INDEX, Renderer, Tokenized, render_records
+from sftkit.data.render import IGNORE_INDEX, Renderer, Tokenized
+from sftkit.data.render_all import render_records
 from sftkit.data.templates import prepare_tokenizer
 from sftkit.loss import model_inputs, token_loss_sum
 from sftkit.model import build_tiny_model

@@ -11,7 +11,8 @@ from transformers import AutoTokenizer
 
 from sftkit.data.messages import Conversation, DataError, Message, RawText
 from sftkit.data.preview import coloured
-from sftkit.data.render import IGNORE_INDEX, DroppedExample, Renderer, RenderError, render_records
+from sftkit.data.render import IGNORE_INDEX, DroppedExample, Renderer
+from sftkit.data.render_all import RenderError, render_records
 from sftkit.data.templates import end_of_turn_token_ids, prepare_tokenizer
 from tests.conftest import tokenizer_dir
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from sftkit.checkpoint import UnsafePathError
 from sftkit.config import ConfigError
 from sftkit.data.messages import DataError
-from sftkit.data.render import RenderError
+from sftkit.data.render_all import RenderError
 from sftkit.data.templates import TemplateError
 from sftkit.faults import NumericalFault
 from sftkit.model import ModelError

@@ -280,7 +280,7 @@ def render_chunks(records: Sequence[Record], renderer: Any, *, num_proc: int = 1
                   chunk: int = 4096) -> Iterator[Any]:
     """`render_records` (invalid records skipped, every error kept) one chunk at a time, so only one
     chunk's token lists are held in memory; yields each chunk's `RenderReport`."""
-    from sftkit.data.render import render_records
+    from sftkit.data.render_all import render_records
 
     bar = tqdm(total=len(records), desc="render", unit="ex", disable=None if progress else True)
     for start in range(0, len(records), chunk):

@@ -36,7 +36,8 @@ from sftkit.data.mixing import MixSpec, mix_with_report
 from sftkit.data.pack import collate_documents, pack
 from sftkit.data.messages import Conversation, DataError, Record
 from sftkit.data.pipeline import load_all
-from sftkit.data.render import IGNORE_INDEX, RenderReport, Renderer, Tokenized, render_records
+from sftkit.data.render import IGNORE_INDEX, Renderer, Tokenized
+from sftkit.data.render_all import RenderReport, render_records
 
 @dataclass
 class Split:

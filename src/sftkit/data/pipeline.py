@@ -13,7 +13,8 @@ from transformers import PreTrainedTokenizerBase
 
 from sftkit.data.formats import LoadReport, load_records
 from sftkit.data.messages import Record
-from sftkit.data.render import RenderReport, Renderer, Strategy, render_records
+from sftkit.data.render import Renderer, Strategy
+from sftkit.data.render_all import RenderReport, render_records
 
 
 @dataclass

@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from jinja2 import TemplateError as JinjaTemplateError
-from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from sftkit.data.control import contains_control, control_pattern, encode_marked, find_unmarked, mark
@@ -47,7 +46,6 @@ from sftkit.data.messages import Conversation, DataError, RawText, Record
 from sftkit.data.templates import find_end_of_turn, find_generation_prompt, missing_template_message
 
 IGNORE_INDEX = -100
-_CHUNK = 256
 _ALL_EXACT = 8  # conversations with up to this many trained replies check every reply's own prefix render
 
 
@@ -344,36 +342,6 @@ class Renderer:
         return labels
 
 
-# -- whole datasets -----------------------------------------------------------------------------
-@dataclass
-class RenderReport:
-    """Examples in input order, plus what was dropped (counted) and what was noticed."""
-
-    examples: list[Tokenized]
-    dropped: Counter[str] = field(default_factory=Counter)
-    warnings: Counter[str] = field(default_factory=Counter)
-    errors: list[DataError] = field(default_factory=list)
-    skipped: Counter[str] = field(default_factory=Counter)
-
-    @property
-    def trained_tokens(self) -> int:
-        return sum(e.num_trained for e in self.examples)
-
-    @property
-    def total_tokens(self) -> int:
-        return sum(len(e.input_ids) for e in self.examples)
-
-    def summary(self) -> str:
-        lines = [f"{len(self.examples)} examples, {self.total_tokens} tokens, {self.trained_tokens} trained"]
-        if self.dropped:
-            lines.append("dropped: " + ", ".join(f"{n} ({kind})" for kind, n in self.dropped.items()))
-        if self.skipped:
-            lines.append("skipped invalid: " + ", ".join(f"{n} ({kind})" for kind, n in self.skipped.items()))
-        if self.warnings:
-            lines.append("notes: " + ", ".join(f"{kind}={n}" for kind, n in sorted(self.warnings.items())))
-        return "\n".join(lines)
-
-
 def _encodable(plan: _Plan) -> _Plan:
     """The plan, if its text is valid Unicode: tokenizers cannot take unpaired surrogates ("\\ud800" in JSON)."""
     try:
@@ -382,60 +350,3 @@ def _encodable(plan: _Plan) -> _Plan:
         raise DataError(plan.source, f"invalid text: unpaired surrogate {plan.text[err.start]!r} is not Unicode",
                         hint="remove or fix the broken escape in the record") from None
     return plan
-
-
-class RenderError(ValueError):
-    """Invalid records stopped rendering; lists the first few with their sources."""
-
-
-def render_records(
-    records: Sequence[Record],
-    renderer: Renderer,
-    *,
-    on_error: str = "raise",
-    num_proc: int = 1,
-    progress: bool = False,
-    max_errors: int = 5,
-) -> RenderReport:
-    """Render every record in order. Invalid records raise a RenderError listing the first
-    `max_errors` (on_error="raise") or are skipped and counted (on_error="skip"); examples whose
-    trained tokens all fall beyond `max_length` are always dropped and counted."""
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
-    report = RenderReport(examples=[])
-    bar = tqdm(total=len(records), desc="render", unit="ex", disable=not progress)
-    if num_proc > 1 and len(records) > _CHUNK:
-        from sftkit.data.workers import render_in_pool  # imports this module
-
-        for results, warnings in render_in_pool(records, renderer, num_proc, _CHUNK):
-            _collect(report, results, warnings, max_errors)
-            bar.update(len(results))
-    else:
-        for start in range(0, len(records), _CHUNK):
-            chunk = records[start : start + _CHUNK]
-            before = Counter(renderer.warnings)
-            results = renderer.render_many(chunk)
-            _collect(report, results, renderer.warnings - before, max_errors)
-            bar.update(len(results))
-    bar.close()
-    invalid = sum(report.skipped.values())
-    if invalid and on_error == "raise":
-        listed = "\n".join(f"  - {err}" for err in report.errors)
-        raise RenderError(
-            f"{invalid} invalid record(s); the first {len(report.errors)}:\n{listed}\n"
-            "fix the records, or skip invalid ones with --skip-invalid (data.skip_invalid=true); they are counted"
-        )
-    return report
-
-
-def _collect(report: RenderReport, results: list, warnings: Counter[str], max_errors: int) -> None:
-    report.warnings.update(warnings)
-    for item in results:
-        if isinstance(item, DroppedExample):
-            report.dropped[item.kind] += 1
-        elif isinstance(item, DataError):
-            report.skipped[item.kind] += 1
-            if len(report.errors) < max_errors:
-                report.errors.append(item)
-        else:
-            report.examples.append(item)

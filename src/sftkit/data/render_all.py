@@ -1,0 +1,180 @@
+"""A whole dataset through the renderer: in order, in worker processes when asked, with a report.
+
+    render_records(records, Renderer(tokenizer), num_proc=4)   # -> RenderReport
+
+Invalid records raise one `RenderError` listing the first few, or are skipped and counted; examples
+whose trained tokens all fall beyond `max_length` are dropped and counted.
+
+The worker pool is written by hand rather than `datasets.map` for what crosses the process
+boundary. The workers are forked with the records and the renderer already in memory, so only
+`(start, stop)` ranges go out, and each chunk's examples come back as two flat int32 arrays
+(pickled as raw bytes) instead of lists of Python ints.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from array import array
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from tqdm import tqdm
+
+from sftkit.data.messages import DataError, Record
+from sftkit.data.render import DroppedExample, Renderer, Tokenized
+
+_CHUNK = 256
+
+
+@dataclass
+class RenderReport:
+    """Examples in input order, plus what was dropped (counted) and what was noticed."""
+
+    examples: list[Tokenized]
+    dropped: Counter[str] = field(default_factory=Counter)
+    warnings: Counter[str] = field(default_factory=Counter)
+    errors: list[DataError] = field(default_factory=list)
+    skipped: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def trained_tokens(self) -> int:
+        return sum(e.num_trained for e in self.examples)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(len(e.input_ids) for e in self.examples)
+
+    def summary(self) -> str:
+        lines = [f"{len(self.examples)} examples, {self.total_tokens} tokens, {self.trained_tokens} trained"]
+        if self.dropped:
+            lines.append("dropped: " + ", ".join(f"{n} ({kind})" for kind, n in self.dropped.items()))
+        if self.skipped:
+            lines.append("skipped invalid: " + ", ".join(f"{n} ({kind})" for kind, n in self.skipped.items()))
+        if self.warnings:
+            lines.append("notes: " + ", ".join(f"{kind}={n}" for kind, n in sorted(self.warnings.items())))
+        return "\n".join(lines)
+
+
+class RenderError(ValueError):
+    """Invalid records stopped rendering; lists the first few with their sources."""
+
+
+def render_records(
+    records: Sequence[Record],
+    renderer: Renderer,
+    *,
+    on_error: str = "raise",
+    num_proc: int = 1,
+    progress: bool = False,
+    max_errors: int = 5,
+) -> RenderReport:
+    """Render every record in order. Invalid records raise a RenderError listing the first
+    `max_errors` (on_error="raise") or are skipped and counted (on_error="skip"); examples whose
+    trained tokens all fall beyond `max_length` are always dropped and counted."""
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+    report = RenderReport(examples=[])
+    bar = tqdm(total=len(records), desc="render", unit="ex", disable=not progress)
+    if num_proc > 1 and len(records) > _CHUNK:
+        for results, warnings in render_in_pool(records, renderer, num_proc, _CHUNK):
+            _collect(report, results, warnings, max_errors)
+            bar.update(len(results))
+    else:
+        for start in range(0, len(records), _CHUNK):
+            chunk = records[start : start + _CHUNK]
+            before = Counter(renderer.warnings)
+            results = renderer.render_many(chunk)
+            _collect(report, results, renderer.warnings - before, max_errors)
+            bar.update(len(results))
+    bar.close()
+    invalid = sum(report.skipped.values())
+    if invalid and on_error == "raise":
+        listed = "\n".join(f"  - {err}" for err in report.errors)
+        raise RenderError(
+            f"{invalid} invalid record(s); the first {len(report.errors)}:\n{listed}\n"
+            "fix the records, or skip invalid ones with --skip-invalid (data.skip_invalid=true); they are counted"
+        )
+    return report
+
+
+def _collect(report: RenderReport, results: list, warnings: Counter[str], max_errors: int) -> None:
+    report.warnings.update(warnings)
+    for item in results:
+        if isinstance(item, DroppedExample):
+            report.dropped[item.kind] += 1
+        elif isinstance(item, DataError):
+            report.skipped[item.kind] += 1
+            if len(report.errors) < max_errors:
+                report.errors.append(item)
+        else:
+            report.examples.append(item)
+
+
+# -- worker processes ----------------------------------------------------------------------------
+_records: Sequence[Record] = ()
+_renderer: Renderer | None = None
+
+
+@dataclass(slots=True)
+class PackedChunk:
+    """One chunk's results: examples as flat arrays plus their lengths and sources; errors as they are."""
+
+    input_ids: array
+    labels: array
+    lengths: list[int]
+    sources: list[str]
+    errors: dict[int, DataError]  # slot in the chunk -> the record's error
+    warnings: Counter[str]
+
+    @classmethod
+    def pack(cls, results: Sequence[Tokenized | DataError], warnings: Counter[str]) -> PackedChunk:
+        packed = cls(array("i"), array("i"), [], [], {}, warnings)
+        for slot, item in enumerate(results):
+            if isinstance(item, DataError):
+                packed.errors[slot] = item
+                continue
+            packed.input_ids.extend(item.input_ids)
+            packed.labels.extend(item.labels)
+            packed.lengths.append(len(item.input_ids))
+            packed.sources.append(item.source)
+        return packed
+
+    def unpack(self) -> list[Tokenized | DataError]:
+        ids, labels = self.input_ids.tolist(), self.labels.tolist()
+        examples = iter(zip(self.lengths, self.sources))
+        results: list[Tokenized | DataError] = []
+        at = 0
+        for slot in range(len(self.lengths) + len(self.errors)):
+            if slot in self.errors:
+                results.append(self.errors[slot])
+                continue
+            length, source = next(examples)
+            results.append(Tokenized(ids[at : at + length], labels[at : at + length], source))
+            at += length
+        return results
+
+
+def _init(renderer: Renderer, records: Sequence[Record]) -> None:
+    global _renderer, _records
+    _renderer, _records = renderer, records
+    renderer.warnings = Counter()
+
+
+def _render_range(bounds: tuple[int, int]) -> PackedChunk:
+    assert _renderer is not None
+    before = Counter(_renderer.warnings)
+    results = _renderer.render_many(_records[bounds[0] : bounds[1]])
+    return PackedChunk.pack(results, _renderer.warnings - before)
+
+
+def render_in_pool(
+    records: Sequence[Record], renderer: Renderer, num_proc: int, chunk: int
+) -> Iterator[tuple[list[Tokenized | DataError], Counter[str]]]:
+    """Each chunk's results (in input order) and the warnings it raised, rendered by `num_proc`
+    forked workers."""
+    ranges = [(start, min(start + chunk, len(records))) for start in range(0, len(records), chunk)]
+    # fork: the workers inherit `records` and `renderer` (no pickling), as the initializer's arguments
+    with mp.get_context("fork").Pool(num_proc, initializer=_init, initargs=(renderer, records)) as pool:
+        for packed in pool.imap(_render_range, ranges):
+            yield packed.unpack(), packed.warnings
