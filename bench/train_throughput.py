@@ -13,6 +13,13 @@ that fit in 512 tokens (mean about 190), shuffled with seed 0: the first `--exam
 next 100 evaluate; max_length 512, batch 8, one epoch, AdamW (fused, betas 0.9/0.95, lr 1e-3,
 no weight decay), 3% warm-up then cosine, clip 1.0, assistant-only loss, float32 on CPU.
 
+Padded and padding-free, both tools see the same examples in the same order: sftkit's seeded epoch
+order (`SFTKIT_BENCH_SEED`, default 0), given to TRL pre-ordered with its sequential sampler, so the
+final losses compare the tools and not two shuffles. Packed rows differ, so TRL shuffles its own.
+TRL's masks also train two template tokens per reply that sftkit leaves out (the `\n` ending the
+generation prompt and the one after `<|im_end|>`); `--trl-same-labels` gives TRL sftkit's tokenized
+examples instead, so both train exactly the same tokens (a check of the training itself).
+
 Configurations, interleaved sftkit / TRL, each in its own subprocess of this one (so its peak RSS
 is its own, read with wait4):
   sftkit padded / padding-free / packed   `sftkit.train.train` with data.padding_free / data.packing
@@ -160,6 +167,7 @@ def run_trl(paths: dict[str, str], out: Path, settings: dict, dtype: str, device
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
+    from sftkit.data.dataset import epoch_order
     from sftkit.data.pipeline import build_examples
     from sftkit.data.templates import prepare_tokenizer
     from sftkit.train import evaluate
@@ -185,14 +193,26 @@ def run_trl(paths: dict[str, str], out: Path, settings: dict, dtype: str, device
     model = AutoModelForCausalLM.from_pretrained(paths["model"], dtype=torch_dtype, attn_implementation="sdpa")
     tokenizer = AutoTokenizer.from_pretrained(paths["model"])
     settings = {"max_length": MAX_LENGTH, **settings}
+    dataset = load_dataset("json", data_files=paths["train"], split="train")
+    if os.environ.get("SFTKIT_BENCH_TRL_LABELS") == "sftkit":  # diagnosis: TRL trains exactly sftkit's tokens
+        from datasets import Dataset
+
+        ours = AutoTokenizer.from_pretrained(paths["model"])
+        prepare_tokenizer(ours)
+        examples = build_examples([paths["train"]], ours, max_length=MAX_LENGTH).render.examples
+        dataset = Dataset.from_dict({"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]})
+    same_order = not settings.get("packing")  # packed rows differ between the tools: TRL shuffles its own
+    if same_order:  # sftkit's example order for this seed, so final losses compare the tools, not two shuffles
+        dataset = dataset.select(epoch_order(len(dataset), SEED, 0))
     args = SFTConfig(
         output_dir=str(out), per_device_train_batch_size=BATCH, num_train_epochs=1,
         learning_rate=LR, lr_scheduler_type="cosine", warmup_steps=WARMUP, adam_beta2=0.95, weight_decay=0.0,
-        max_grad_norm=1.0, optim="adamw_torch_fused", assistant_only_loss=True, gradient_checkpointing=False,
+        max_grad_norm=1.0, optim="adamw_torch_fused", assistant_only_loss="labels" not in dataset.column_names, gradient_checkpointing=False,
         bf16=dtype == "bfloat16", use_cpu=device == "cpu", logging_steps=SKIP_STEPS, save_strategy="no",
-        report_to=[], seed=SEED, dataloader_num_workers=0, disable_tqdm=True, **settings)
+        report_to=[], seed=SEED, dataloader_num_workers=0, disable_tqdm=True,
+        train_sampling_strategy="sequential" if same_order else "random", **settings)
     trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer,
-                         train_dataset=load_dataset("json", data_files=paths["train"], split="train"))
+                         train_dataset=dataset)
     trainer.data_collator = counting(trainer.data_collator)
     clock = StepClock()
     trainer.add_callback(clock)
@@ -316,10 +336,14 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/sftkit-bench-train"))
     parser.add_argument("--device", default="cuda" if os.path.exists("/dev/nvidia0") else "cpu")
     parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
+    parser.add_argument("--trl-same-labels", action="store_true",
+                        help="diagnosis: TRL trains sftkit's tokenized examples (the same labels), not its own masks")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.examples = 240 if args.quick else args.examples
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    if args.trl_same_labels:  # read by the TRL worker (a child process: it inherits the environment)
+        os.environ["SFTKIT_BENCH_TRL_LABELS"] = "sftkit"
     paths = prepare(args.workdir, args.examples)
     if args.worker:
         slug = args.worker.replace(" ", "-").replace("(", "").replace(")", "")
