@@ -82,10 +82,8 @@ def render_records(
             bar.update(len(results))
     else:
         for start in range(0, len(records), _CHUNK):
-            chunk = records[start : start + _CHUNK]
-            before = Counter(renderer.warnings)
-            results = renderer.render_many(chunk)
-            _collect(report, results, renderer.warnings - before, max_errors)
+            results, warnings = _render_counted(renderer, records[start : start + _CHUNK])
+            _collect(report, results, warnings, max_errors)
             bar.update(len(results))
     bar.close()
     invalid = sum(report.skipped.values())
@@ -96,6 +94,13 @@ def render_records(
             "fix the records, or skip invalid ones with --skip-invalid (data.skip_invalid=true); they are counted"
         )
     return report
+
+
+def _render_counted(renderer: Renderer, chunk: Sequence[Record]) -> tuple[list[Tokenized | DataError], Counter[str]]:
+    """The chunk's results and the warnings rendering it raised."""
+    before = Counter(renderer.warnings)
+    results = renderer.render_many(chunk)
+    return results, renderer.warnings - before
 
 
 def _collect(report: RenderReport, results: list, warnings: Counter[str], max_errors: int) -> None:
@@ -163,9 +168,7 @@ def _init(renderer: Renderer, records: Sequence[Record]) -> None:
 
 def _render_range(bounds: tuple[int, int]) -> PackedChunk:
     assert _renderer is not None
-    before = Counter(_renderer.warnings)
-    results = _renderer.render_many(_records[bounds[0] : bounds[1]])
-    return PackedChunk.pack(results, _renderer.warnings - before)
+    return PackedChunk.pack(*_render_counted(_renderer, _records[bounds[0] : bounds[1]]))
 
 
 def render_in_pool(
