@@ -126,3 +126,22 @@ def test_history_rewriting_template_falls_back_to_checking_every_reply(monkeypat
     assert (fast.input_ids, fast.labels) == (exact.input_ids, exact.labels)
     assert trained_replies(fast.labels) == 1
     assert renderer.warnings["prompt_rewritten"] == 11
+
+
+def test_replies_the_header_rule_cannot_locate_fall_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Headers stop appearing part-way (later replies open with `bot`): the rule locates only the
+    first five replies, so every reply is checked; the rest are counted, never indexed blindly."""
+    tokenizer = load("qwen2.5")
+    tokenizer.chat_template = (
+        "{%- for m in messages %}{% if m.role == 'assistant' and loop.index0 > 10 %}<|im_start|>bot\n"
+        "{% else %}<|im_start|>{{ m.role }}\n{% endif %}{{ m.content }}<|im_end|>\n{%- endfor %}"
+        "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    renderer = Renderer(tokenizer)
+    conversation = long_conversation(12)
+    exact = all_exact(monkeypatch, renderer, conversation)
+    renderer.warnings.clear()
+    fast = renderer.render(conversation)
+    assert (fast.input_ids, fast.labels) == (exact.input_ids, exact.labels)
+    assert trained_replies(fast.labels) == 5
+    assert renderer.warnings["prompt_rewritten"] == 7

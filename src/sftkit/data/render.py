@@ -205,7 +205,8 @@ class Renderer:
         quadratic in the number of turns, so beyond `_ALL_EXACT` replies only replies 1, 2, 4, 8, ...
         and the last are checked that way; the others are located by the rule those checks confirm:
         a reply starts after the first reply header (the generation prompt) past the previous reply.
-        If any check disagrees with the rule, every reply is checked against its prefix render."""
+        If the rule fails to locate a reply, or any check disagrees with it, every reply is checked
+        against its prefix render."""
         if len(replies) <= _ALL_EXACT or self.reply_header is None:
             return [self._reply_span(chat, i, full) for i in replies]
         located = self._located_spans(full, len(replies))
@@ -213,7 +214,7 @@ class Renderer:
         spans: list[tuple[int, int] | None] = [None] * len(replies)
         for pos in sorted(checked):
             spans[pos] = self._reply_span(chat, replies[pos], full)
-        if all(spans[pos] == located[pos] for pos in checked):
+        if None not in located and all(spans[pos] == located[pos] for pos in checked):
             for pos in set(range(len(replies))) - checked:
                 self._check_tool_calls(chat, replies[pos], full[located[pos][0] : located[pos][1]])
                 spans[pos] = located[pos]
