@@ -96,6 +96,9 @@ class DataConfig:
     """Skip (and count) invalid records instead of stopping at the first one."""
     template_kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra variables for the chat template, e.g. {date_string: '26 Jul 2024'}."""
+    fast_bpe: bool = True
+    """Tokenize with tiktoken where it gives the tokenizer's own ids (Qwen2/2.5/3, Llama-3; checked,
+    and audited as it runs): 2-3x faster preparation. false = the tokenizer alone."""
     packing: bool = False
     """Pack whole conversations into rows of up to max_length tokens (best-fit decreasing; never split or
     cropped); position_ids restart per conversation and attention never crosses one. batch_size counts rows."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sftkit.checkpoint import UnsafePathError
 from sftkit.config import ConfigError
+from sftkit.data.fast_bpe import FastBPEMismatch
 from sftkit.data.messages import DataError
 from sftkit.data.render_all import RenderError
 from sftkit.data.templates import TemplateError
@@ -12,5 +13,5 @@ from sftkit.model import ModelError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError, DataError, ModelError, RenderError, TemplateError, FileNotFoundError, OSError,
-    NumericalFault, UnsafePathError,
+    NumericalFault, UnsafePathError, FastBPEMismatch,
 )

@@ -73,7 +73,8 @@ def setup_speed(model: PreTrainedModel, config: Config) -> None:
 
 
 def setup_data(config: Config, tokenizer: PreTrainedTokenizerBase) -> tuple[Split, Split]:
-    renderer = Renderer(tokenizer, config.data.strategy, config.data.max_length, config.data.template_kwargs)
+    renderer = Renderer(tokenizer, config.data.strategy, config.data.max_length, config.data.template_kwargs,
+                        fast_bpe=config.data.fast_bpe)
     return load_splits(config.data, renderer, config.train.seed)
 
 

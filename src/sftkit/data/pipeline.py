@@ -67,11 +67,13 @@ def build_examples(
     skip_invalid: bool = False,
     num_proc: int = 1,
     progress: bool = False,
+    fast_bpe: bool = True,
 ) -> DataReport:
     """Load `paths` and render them with `tokenizer`'s chat template (install it first with
     `sftkit.data.templates.prepare_tokenizer`)."""
     records, loads = load_all(paths, format=format, columns=columns, skip_invalid=skip_invalid)
-    renderer = Renderer(tokenizer, strategy=strategy, max_length=max_length, template_kwargs=template_kwargs)
+    renderer = Renderer(tokenizer, strategy=strategy, max_length=max_length, template_kwargs=template_kwargs,
+                        fast_bpe=fast_bpe)
     rendered = render_records(
         records, renderer, on_error="skip" if skip_invalid else "raise", num_proc=num_proc, progress=progress
     )

@@ -177,6 +177,7 @@ def render_in_pool(
     """Each chunk's results (in input order) and the warnings it raised, rendered by `num_proc`
     forked workers."""
     ranges = [(start, min(start + chunk, len(records))) for start in range(0, len(records), chunk)]
+    renderer.encoder.prepare()  # tiktoken's tables, built once here rather than in every worker
     # fork: the workers inherit `records` and `renderer` (no pickling), as the initializer's arguments
     with mp.get_context("fork").Pool(num_proc, initializer=_init, initargs=(renderer, records)) as pool:
         for packed in pool.imap(_render_range, ranges):

@@ -1,0 +1,104 @@
+"""Texts -> token ids and where each token starts and ends: the tokenizer step of rendering.
+
+    encoder = TextEncoder(tokenizer)
+    encoded = encoder.encode_batch(texts, add_special_tokens=False)   # [Encoded(ids, starts, ends, ...)]
+
+Three routes, all giving the tokenizer's own ids:
+  - tiktoken (`sftkit.data.fast_bpe`) for byte-level BPE tokenizers it qualifies for, on batches of
+    at least `_FAST_BATCH` texts; offsets are counted in UTF-8 bytes from the token lengths;
+  - the Rust backend of a fast tokenizer called directly (character offsets);
+  - the tokenizer's own `__call__` otherwise (slow tokenizers, truncation or padding set).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import accumulate
+
+from transformers import PreTrainedTokenizerBase
+
+from sftkit.data.fast_bpe import FastBPE, fast_bpe_for
+
+_FAST_BATCH = 64  # smaller batches (a preview, one example) are not worth building tiktoken's tables
+
+
+@dataclass(slots=True)
+class Encoded:
+    """One text's tokens. `starts[j]`/`ends[j]` bound token j in the text, in characters, or in UTF-8
+    bytes when `in_bytes` (a token may begin inside a multi-byte character)."""
+
+    ids: list[int]
+    starts: list[int]
+    ends: list[int]
+    in_bytes: bool = False
+
+    @classmethod
+    def from_offsets(cls, ids: list[int], offsets: list[tuple[int, int]]) -> Encoded:
+        return cls(list(ids), [a for a, _ in offsets], [b for _, b in offsets])
+
+    def spans_in_units(self, text: str, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Character spans of `text` in this encoding's offset units."""
+        if not self.in_bytes or text.isascii():
+            return spans
+        return [(_utf8_len(text, begin), _utf8_len(text, end)) for begin, end in spans]
+
+
+def _utf8_len(text: str, chars: int) -> int:
+    return len(text[:chars].encode("utf-8"))
+
+
+class TextEncoder:
+    """Encodes texts for one tokenizer; `fast_bpe=False` keeps to the tokenizer alone."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, fast_bpe: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.fast_bpe = fast_bpe
+
+    def prepare(self) -> None:
+        """Build the tiktoken tables now (before forking workers, so each does not build its own)."""
+        self._fast()
+
+    def encode_batch(self, texts: list[str], add_special_tokens: bool) -> list[Encoded]:
+        fast = self._fast() if len(texts) >= _FAST_BATCH and not add_special_tokens else None
+        if fast is None:
+            return self._encode_with_tokenizer(texts, add_special_tokens)
+        out: list[Encoded | None] = [self._encode_fast(fast, text) for text in texts]
+        left = [i for i, e in enumerate(out) if e is None]  # texts tiktoken must leave (not NFC)
+        for i, encoded in zip(left, self._encode_with_tokenizer([texts[i] for i in left], False)):
+            out[i] = encoded
+        return out  # type: ignore[return-value]
+
+    def _fast(self) -> FastBPE | None:
+        if not self.fast_bpe or not self._backend_is_plain() or self.tokenizer._tokenizer.encode_special_tokens:
+            return None
+        return fast_bpe_for(self.tokenizer)
+
+    @staticmethod
+    def _encode_fast(fast: FastBPE, text: str) -> Encoded | None:
+        ids = fast.encode(text)
+        if ids is None:
+            return None
+        ends = list(accumulate(map(fast.token_bytes.__getitem__, ids)))
+        return Encoded(ids, [0, *ends[:-1]], ends, in_bytes=True)
+
+    def _backend_is_plain(self) -> bool:
+        """A fast tokenizer with no truncation or padding set, whose `__call__` is its backend's encode."""
+        backend = getattr(self.tokenizer, "_tokenizer", None)
+        return (
+            getattr(self.tokenizer, "is_fast", False)
+            and backend is not None
+            and backend.truncation is None
+            and backend.padding is None
+            and backend.encode_special_tokens == bool(getattr(self.tokenizer, "split_special_tokens", False))
+        )
+
+    def _encode_with_tokenizer(self, texts: list[str], add_special_tokens: bool) -> list[Encoded]:
+        """Through the Rust backend directly when that is what `tokenizer(texts)` would call: the same
+        ids and offsets without building a BatchEncoding (a tenth of the time on chat data)."""
+        if not texts:
+            return []
+        if self._backend_is_plain():
+            batch = self.tokenizer._tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
+            return [Encoded.from_offsets(e.ids, e.offsets) for e in batch]
+        enc = self.tokenizer(texts, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+        return [Encoded.from_offsets(i, o) for i, o in zip(enc["input_ids"], enc["offset_mapping"])]
