@@ -8,7 +8,9 @@ What is measured, on the same `messages` JSONL and the same Qwen2.5 tokenizer:
 
   sftkit  `sftkit.data.pipeline.build_examples([jsonl], tok, strategy="assistant", max_length=2048,
           num_proc=N)`: sftkit's own loader reads the file, the renderer masks by prefix difference
-          with the tokenizer's own template (what `sftkit data preview` and training run).
+          with the tokenizer's own template (what `sftkit data preview` and training run). Qwen2.5
+          qualifies for tiktoken (`sftkit.data.fast_bpe`: the tokenizer's own ids, audited).
+  sftkit-tok  the same with `fast_bpe=False`: tokenized by the tokenizer alone, for comparison.
   TRL     `load_dataset("json", jsonl)` then `SFTTrainer._prepare_dataset(...)`, the exact call
           `SFTTrainer.__init__` makes, with `assistant_only_loss=True` (TRL swaps in its
           `qwen2_5_training.jinja` with `{% generation %}` markers), `max_length=2048`,
@@ -55,6 +57,7 @@ SHARED = REPO.parent / "shared" / "data"
 TOKENIZER_DIRS = (SHARED / "tokenizers" / "qwen2.5", REPO / "tests" / "assets" / "tokenizers" / "qwen2.5")
 INSTRUCTIONS = SHARED / "instructions"
 QWEN2_CONFIG = SHARED / "configs" / "qwen2.json"
+TOOLS = ("sftkit", "sftkit-tok", "TRL")  # sftkit-tok: sftkit with fast_bpe=False
 SOURCES = (  # conversational sets both tools render identically; multi-turn, system prompts, tools
     "fastchat_dummy_conversation.json",  # sharegpt, 1-3 assistant turns
     "fastchat_dummy_conversation_with_system.json",  # the same with a system prompt
@@ -155,7 +158,7 @@ def sftkit_pool_problem() -> str | None:
     return None
 
 
-def run_sftkit(path: Path, tok_dir: Path, num_proc: int, max_length: int, rows: int) -> Result:
+def run_sftkit(path: Path, tok_dir: Path, num_proc: int, max_length: int, rows: int, fast_bpe: bool = True) -> Result:
     from sftkit.data.pipeline import build_examples, load_all
     from sftkit.data.templates import prepare_tokenizer
     from sftkit.model import load_tokenizer
@@ -163,14 +166,15 @@ def run_sftkit(path: Path, tok_dir: Path, num_proc: int, max_length: int, rows: 
     tokenizer = load_tokenizer(tok_dir)
     prepare_tokenizer(tokenizer)
     start, cpu = time.perf_counter(), cpu_seconds()
-    report = build_examples([path], tokenizer, strategy="assistant", max_length=max_length, num_proc=num_proc)
+    report = build_examples([path], tokenizer, strategy="assistant", max_length=max_length, num_proc=num_proc,
+                            fast_bpe=fast_bpe)
     seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
     examples = report.render.examples
     load_start = time.perf_counter()  # the loader alone, measured again for the breakdown
     load_all([path])
     load_s = time.perf_counter() - load_start
     tokens = sum(len(e.input_ids) for e in examples)
-    return Result("sftkit", num_proc, rows, len(examples), tokens, load_s, seconds, cpu)
+    return Result("sftkit" if fast_bpe else "sftkit-tok", num_proc, rows, len(examples), tokens, load_s, seconds, cpu)
 
 
 def trl_trainer(tok_dir: Path, num_proc: int | None, max_length: int | None, first_row: dict, out: Path):
@@ -284,11 +288,11 @@ def _replies(row: dict) -> int:
 
 # -- report -------------------------------------------------------------------------------------
 def table(results: list[Result]) -> str:
-    head = f"{'tool':<7} {'num_proc':>8} {'examples':>9} {'kept':>7} {'load s':>7} {'seconds':>8} " \
+    head = f"{'tool':<10} {'num_proc':>8} {'examples':>9} {'kept':>7} {'load s':>7} {'seconds':>8} " \
            f"{'examples/s':>11} {'tokens/s':>10} {'cpu s':>7}"
     lines = [head, "-" * len(head)]
-    for r in sorted(results, key=lambda r: (r.tool != "sftkit", r.num_proc or 0)):
-        lines.append(f"{r.tool:<7} {str(r.num_proc):>8} {r.examples:>9} {r.kept:>7} {r.load_s:>7.2f} {r.seconds:>8.2f} "
+    for r in sorted(results, key=lambda r: (TOOLS.index(r.tool), r.num_proc or 0)):
+        lines.append(f"{r.tool:<10} {str(r.num_proc):>8} {r.examples:>9} {r.kept:>7} {r.load_s:>7.2f} {r.seconds:>8.2f} "
                      f"{r.per_s:>11.1f} {r.tokens / r.seconds:>10.0f} {r.cpu_s:>7.1f}")
     return "\n".join(lines)
 
@@ -299,19 +303,19 @@ def measure(path: Path, tok_dir: Path, args: argparse.Namespace, first_row: dict
     results: dict[tuple[str, int | None], Result] = {}
     pool_problem = sftkit_pool_problem()
     # TRL's default dataset_num_proc=None maps in this process; datasets 5 runs even num_proc=1 in a pool
-    plan = [(tool, n) for n in [None, *sorted(set(args.num_proc))] for tool in ("sftkit", "TRL")
-            if args.only in (None, tool) and (tool, n) != ("sftkit", None)]
-    if pool_problem and any(tool == "sftkit" and n > 1 for tool, n in plan):
+    plan = [(tool, n) for n in [None, *sorted(set(args.num_proc))] for tool in TOOLS
+            if args.only in (None, tool) and (n is not None or tool == "TRL")]
+    if pool_problem and any(tool != "TRL" and n > 1 for tool, n in plan):
         print(f"  sftkit num_proc>1: skipped, its pool would hang: a DataError does not survive pickling "
               f"({pool_problem})", flush=True)
         plan = [(tool, n) for tool, n in plan if tool == "TRL" or n == 1]
     for _ in range(args.repeat):
         for tool, n in plan:
-            if tool == "sftkit":
-                result = run_sftkit(path, tok_dir, n, args.max_length, args.examples)
+            if tool != "TRL":
+                result = run_sftkit(path, tok_dir, n, args.max_length, args.examples, fast_bpe=tool == "sftkit")
             else:
                 result = run_trl(path, tok_dir, n, args.max_length, args.examples, first_row, work / "trl")
-            print(f"  {tool:<6} num_proc={n}: {result.seconds:.1f}s", flush=True)
+            print(f"  {tool:<10} num_proc={n}: {result.seconds:.1f}s", flush=True)
             if (tool, n) not in results or result.seconds < results[tool, n].seconds:
                 results[tool, n] = result
     return list(results.values())
@@ -325,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-length", type=int, default=2048)
     parser.add_argument("--check", type=int, default=200, help="distinct conversations in the cross-check")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each; the fastest is kept")
-    parser.add_argument("--only", choices=["sftkit", "TRL"], help="run one tool (e.g. to profile it)")
+    parser.add_argument("--only", choices=TOOLS, help="run one tool (e.g. to profile it)")
     args = parser.parse_args(argv)
     if args.quick:
         args.examples, args.check = 2_000, 50
@@ -358,9 +362,11 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(work, ignore_errors=True)
     print()
     print(table(results))
-    best = {tool: max((r.per_s for r in results if r.tool == tool), default=0.0) for tool in ("sftkit", "TRL")}
+    best = {tool: max((r.per_s for r in results if r.tool == tool), default=0.0) for tool in TOOLS}
+    if best["sftkit"] and best["sftkit-tok"]:
+        print(f"sftkit with tiktoken / with the tokenizer alone: {best['sftkit'] / best['sftkit-tok']:.2f}")
     if best["sftkit"] and best["TRL"]:
-        per_cpu = {tool: max(r.examples / r.cpu_s for r in results if r.tool == tool) for tool in best}
+        per_cpu = {tool: max(r.examples / r.cpu_s for r in results if r.tool == tool) for tool in ("sftkit", "TRL")}
         print(f"load average {os.getloadavg()[0]:.2f} at the end (the machine is shared: compare `cpu s` too); "
               f"examples per CPU-second, sftkit/TRL: {per_cpu['sftkit'] / per_cpu['TRL']:.2f}")
         print(f"sftkit/TRL preprocess ratio: {best['sftkit'] / best['TRL']:.2f}")

@@ -13,7 +13,8 @@ import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from sftkit.data import fast_bpe
-from sftkit.data.encode import _FAST_BATCH, TextEncoder
+from sftkit.data import encode
+from sftkit.data.encode import TextEncoder
 from sftkit.data.fast_bpe import FastBPEMismatch, fast_bpe_for, why_not_fast
 from sftkit.data.messages import Conversation, Message
 from sftkit.data.render import Renderer
@@ -39,6 +40,12 @@ def load(family: str) -> PreTrainedTokenizerBase:
 
 def spec_of(tokenizer: PreTrainedTokenizerBase) -> dict:
     return json.loads(tokenizer._tokenizer.to_str())
+
+
+@pytest.fixture(autouse=True)
+def fast_on_any_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """tiktoken even for the few dozen fixtures (by default only from 5,000 texts)."""
+    monkeypatch.setattr(encode, "FAST_MIN_TEXTS", 1)
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +104,7 @@ def chats() -> list[Conversation]:
         Conversation([Message("user", "中文？"), Message("assistant", "是的，我会说中文。"),
                       Message("user", "Tabs\tand   spaces\n\n"), Message("assistant", "  ok\t \n  ")], source="inline:2"),
     ]
-    return (records + extra) * (_FAST_BATCH // len(records + extra) + 1)
+    return (records + extra) * 3
 
 
 def render_both(tokenizer: PreTrainedTokenizerBase, records: list) -> tuple[RenderReport, RenderReport]:
@@ -127,10 +134,24 @@ def test_same_ids_and_labels_as_the_tokenizer_on_the_fixtures(qwen: PreTrainedTo
 def test_text_that_is_not_nfc_goes_to_the_tokenizer(qwen: PreTrainedTokenizerBase) -> None:
     decomposed = "which results in [a\u0303mə] (ama)"  # NFC composes a + U+0303 into ã
     assert fast_bpe_for(qwen).encode(decomposed) is None
-    texts = [decomposed] * _FAST_BATCH
-    encoded = TextEncoder(qwen).encode_batch(texts, add_special_tokens=False)
+    encoder = TextEncoder(qwen)
+    encoder.prepare(1)
+    assert encoder.fast is not None
+    encoded = encoder.encode_batch([decomposed, "ok"], add_special_tokens=False)
     assert encoded[0].ids == qwen._tokenizer.encode(decomposed, add_special_tokens=False).ids
-    assert not encoded[0].in_bytes
+    assert not encoded[0].in_bytes and encoded[1].in_bytes  # the tokenizer's offsets; tiktoken's
+
+
+def test_small_sets_are_left_to_the_tokenizer(qwen: PreTrainedTokenizerBase, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(encode, "FAST_MIN_TEXTS", 5_000)
+    renderer = Renderer(qwen)
+    render_records(chats(), renderer)
+    assert renderer.encoder.fast is None  # building tiktoken's tables (1 s) would cost more than it saves
+    renderer.encoder.prepare(5_000)
+    assert renderer.encoder.fast is fast_bpe_for(qwen) is not None
+    turned_off = Renderer(qwen, fast_bpe=False)
+    turned_off.encoder.prepare(10**6)
+    assert turned_off.encoder.fast is None
 
 
 def test_a_disagreement_stops_the_run_and_says_how_to_turn_it_off(

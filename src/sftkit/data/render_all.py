@@ -75,6 +75,7 @@ def render_records(
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
     report = RenderReport(examples=[])
+    renderer.encoder.prepare(len(records))  # tiktoken for large sets, built here once, not in every worker
     bar = tqdm(total=len(records), desc="render", unit="ex", disable=not progress)
     if num_proc > 1 and len(records) > _CHUNK:
         for results, warnings in render_in_pool(records, renderer, num_proc, _CHUNK):
@@ -177,7 +178,6 @@ def render_in_pool(
     """Each chunk's results (in input order) and the warnings it raised, rendered by `num_proc`
     forked workers."""
     ranges = [(start, min(start + chunk, len(records))) for start in range(0, len(records), chunk)]
-    renderer.encoder.prepare()  # tiktoken's tables, built once here rather than in every worker
     # fork: the workers inherit `records` and `renderer` (no pickling), as the initializer's arguments
     with mp.get_context("fork").Pool(num_proc, initializer=_init, initargs=(renderer, records)) as pool:
         for packed in pool.imap(_render_range, ranges):
