@@ -5,6 +5,7 @@ on every Unicode code point."""
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import unicodedata
 from pathlib import Path
@@ -244,4 +245,5 @@ def test_workers_share_the_engine_the_parent_built(
     records = chats() * 8
     pooled = render_records(records, Renderer(tokenizer), num_proc=2)
     assert builds.read_text().splitlines() == ["built"]  # in the parent, before forking
+    assert gc.isenabled() and gc.get_freeze_count() == 0  # the pool's GC pause and freeze are undone
     assert_same(pooled, render_records(records, Renderer(tokenizer, fast_bpe=False)))

@@ -188,7 +188,10 @@ def _build(tokenizer: PreTrainedTokenizerBase) -> FastBPE | None:
     spec = json.loads(backend.to_str())
     if why_not_fast(spec) is not None or not _tokens_encode_to_themselves(tokenizer, spec["model"]):
         return None
-    fast = FastBPE(tokenizer, spec)
+    try:
+        fast = FastBPE(tokenizer, spec)
+    except ValueError:  # tiktoken refused the tables (e.g. an id given to two tokens): the tokenizer alone
+        return None
     if fast.encoding.encode(_PROBE, allowed_special="all") != backend.encode(_PROBE, add_special_tokens=False).ids:
         return None
     return fast

@@ -182,10 +182,16 @@ def render_in_pool(
     # fork: the workers inherit `records` and `renderer` (no pickling), as the initializer's arguments.
     # Frozen first: a worker's garbage collector would otherwise walk every inherited object, writing to
     # each and so copying the parent's whole heap page by page (measured: 22% more worker CPU at 50k).
+    # Then the parent's collector is paused while it only turns arrays into lists of ints (no cycles to
+    # collect): its passes over those lists cost 1-2 s of the cores the workers need.
+    collecting = gc.isenabled()
     gc.freeze()
     try:
         with mp.get_context("fork").Pool(num_proc, initializer=_init, initargs=(renderer, records)) as pool:
+            gc.disable()
             for packed in pool.imap(_render_range, ranges):
                 yield packed.unpack(), packed.warnings
     finally:
+        if collecting:
+            gc.enable()
         gc.unfreeze()
