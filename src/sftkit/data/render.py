@@ -11,8 +11,8 @@ How masks are made (any Jinja template, no `{% generation %}` markers needed):
 `p_i` must be a prefix of `full` (the prefix property). Then the tokens before each trained reply
 are exactly what `apply_chat_template(messages[:i], add_generation_prompt=True)` gives at inference,
 and the reply is trained through its end-of-turn token (`<|im_end|>`, `<|eot_id|>`, `</s>`,
-`<|end|>`, ...) so the model learns to stop. The text is tokenized once, and labels come from the
-tokenizer's character offsets, so they can never drift from the ids.
+`<|end|>`, ...) so the model learns to stop. The text is tokenized once (`sftkit.data.encode`), and
+labels come from each token's offsets in it, so they can never drift from the ids.
 
 Rendering every `p_i` costs time quadratic in the number of turns (each is as long as the chat so
 far). Beyond 8 replies, only replies 1, 2, 4, 8, ... and the last are checked that way; the others
