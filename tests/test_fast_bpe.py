@@ -141,6 +141,8 @@ def test_text_that_is_not_nfc_goes_to_the_tokenizer(qwen: PreTrainedTokenizerBas
     encoded = encoder.encode_batch([decomposed, "ok"], add_special_tokens=False)
     assert encoded[0].ids == qwen._tokenizer.encode(decomposed, add_special_tokens=False).ids
     assert not encoded[0].in_bytes and encoded[1].in_bytes  # the tokenizer's offsets; tiktoken's
+    empty = encoder.encode_batch([""], add_special_tokens=False)[0]
+    assert (empty.ids, empty.starts, empty.ends) == ([], [], [])
 
 
 def test_small_sets_are_left_to_the_tokenizer(qwen: PreTrainedTokenizerBase, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -83,7 +83,7 @@ class TextEncoder:
         if ids is None:
             return None
         ends = list(accumulate(map(fast.token_bytes.__getitem__, ids)))
-        return Encoded(ids, [0, *ends[:-1]], ends, in_bytes=True)
+        return Encoded(ids, [0, *ends[:-1]] if ends else [], ends, in_bytes=True)
 
     def _backend_is_plain(self) -> bool:
         """A fast tokenizer with no truncation or padding set, whose `__call__` is its backend's encode."""
