@@ -36,6 +36,15 @@ def all_exact(monkeypatch: pytest.MonkeyPatch, renderer: Renderer, conversation:
         return renderer.render(conversation)
 
 
+def render_as_all_exact(monkeypatch: pytest.MonkeyPatch, renderer: Renderer, conversation: Conversation):
+    """The shortcut's render, asserted equal to checking every reply; warnings are the shortcut's own."""
+    exact = all_exact(monkeypatch, renderer, conversation)
+    renderer.warnings.clear()
+    fast = renderer.render(conversation)
+    assert (fast.input_ids, fast.labels) == (exact.input_ids, exact.labels)
+    return fast
+
+
 def trained_replies(labels: list[int]) -> int:
     return sum(1 for j, label in enumerate(labels) if label != IGNORE_INDEX and (j == 0 or labels[j - 1] == IGNORE_INDEX))
 
@@ -119,11 +128,7 @@ def test_history_rewriting_template_falls_back_to_checking_every_reply(monkeypat
     )
     renderer = Renderer(tokenizer)
     assert renderer.reply_header == "<|im_start|>assistant\n"
-    conversation = long_conversation(12)
-    exact = all_exact(monkeypatch, renderer, conversation)
-    renderer.warnings.clear()
-    fast = renderer.render(conversation)
-    assert (fast.input_ids, fast.labels) == (exact.input_ids, exact.labels)
+    fast = render_as_all_exact(monkeypatch, renderer, long_conversation(12))
     assert trained_replies(fast.labels) == 1
     assert renderer.warnings["prompt_rewritten"] == 11
 
@@ -138,10 +143,6 @@ def test_replies_the_header_rule_cannot_locate_fall_back(monkeypatch: pytest.Mon
         "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
     renderer = Renderer(tokenizer)
-    conversation = long_conversation(12)
-    exact = all_exact(monkeypatch, renderer, conversation)
-    renderer.warnings.clear()
-    fast = renderer.render(conversation)
-    assert (fast.input_ids, fast.labels) == (exact.input_ids, exact.labels)
+    fast = render_as_all_exact(monkeypatch, renderer, long_conversation(12))
     assert trained_replies(fast.labels) == 5
     assert renderer.warnings["prompt_rewritten"] == 7
