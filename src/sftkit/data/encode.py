@@ -37,7 +37,7 @@ class Encoded:
 
     @classmethod
     def from_offsets(cls, ids: list[int], offsets: list[tuple[int, int]]) -> Encoded:
-        return cls(list(ids), [a for a, _ in offsets], [b for _, b in offsets])
+        return cls(ids, [a for a, _ in offsets], [b for _, b in offsets])  # every caller's ids are its own
 
     def spans_in_units(self, text: str, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
         """Character spans of `text` in this encoding's offset units."""
