@@ -14,7 +14,7 @@ import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from sftkit.data import fast_bpe
-from sftkit.data import encode
+from sftkit.data import encode, render_all
 from sftkit.data.encode import TextEncoder
 from sftkit.data.fast_bpe import FastBPEMismatch, fast_bpe_for, why_not_fast
 from sftkit.data.messages import Conversation, Message
@@ -245,6 +245,7 @@ def test_workers_share_the_engine_the_parent_built(
     monkeypatch.setattr(fast_bpe, "_build", counted_build)
     tokenizer = AutoTokenizer.from_pretrained(ASSETS / "tokenizers" / "qwen2.5")
     records = chats() * 8
+    assert len(records) > render_all._CHUNK  # more than one chunk, so the workers do render
     pooled = render_records(records, Renderer(tokenizer), num_proc=2)
     assert builds.read_text().splitlines() == ["built"]  # in the parent, before forking
     assert gc.isenabled() and gc.get_freeze_count() == 0  # the pool's GC pause and freeze are undone
