@@ -153,7 +153,7 @@ def test_data_train_mixes_sources_by_weight_and_samples() -> None:
     config = load_config(None, [
         "model.path=unused", f"data.train=[{{path: {chat}, weight: 2}}, {{path: {identity}, samples: 2}}]",
     ])  # fmt: skip
-    assert config.data.paths() == [chat, identity]
+    assert [s.path for s in config.data.sources()] == [chat, identity]
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir("qwen2.5"))
     train, _ = load_splits(config.data, Renderer(tokenizer), seed=0)
     sources = [r.source.rsplit(":", 1)[0] for r in train.records]

@@ -10,7 +10,8 @@ import pytest
 
 from sftkit.data.formats import load_records
 from sftkit.data.messages import RawText
-from sftkit.data.mixing import MixSpec, mix, mix_with_report, pick
+from sftkit.config import Source
+from sftkit.data.mixing import count, mix, mix_with_report, pick
 from tests.conftest import ASSETS
 
 
@@ -19,8 +20,8 @@ def texts(n: int, name: str) -> list[RawText]:
 
 
 def test_counts_from_weights_and_samples():
-    assert [MixSpec().count(10), MixSpec(weight=2).count(10), MixSpec(weight=0.25).count(10),
-            MixSpec(weight=0.5).count(3), MixSpec(weight=0).count(10), MixSpec(samples=7).count(3)] == [
+    assert [count(Source("f"), 10), count(Source("f", weight=2), 10), count(Source("f", weight=0.25), 10),
+            count(Source("f", weight=0.5), 3), count(Source("f", weight=0), 10), count(Source("f", samples=7), 3)] == [
         10, 20, 3, 2, 0, 7]  # 2.5 and 1.5 round half up
 
 
@@ -28,7 +29,7 @@ def test_counts_from_weights_and_samples():
                                  dict(samples=-3), dict(samples=2.5), dict(samples=True)])
 def test_bad_specs_are_refused(bad):
     with pytest.raises(ValueError):
-        MixSpec(**bad)
+        Source("f", **bad)
 
 
 def test_without_replacement_up_to_the_size():
@@ -52,7 +53,7 @@ def test_empty_source():
 
 def test_mix_is_deterministic_and_reports_counts():
     a, b, c = texts(50, "a"), texts(1000, "b"), texts(30, "c")
-    sources = [(a, MixSpec(weight=2)), (b, MixSpec(samples=500)), (c, MixSpec())]
+    sources = [(a, Source("f", weight=2)), (b, Source("f", samples=500)), (c, Source("f"))]
     mixed, report = mix_with_report(sources, seed=7)
     assert mixed == mix(sources, seed=7)
     assert mixed != mix(sources, seed=8)
@@ -66,15 +67,15 @@ def test_mix_is_deterministic_and_reports_counts():
 
 def test_one_sources_spec_does_not_change_anothers_picks():
     a, b = texts(100, "a"), texts(100, "b")
-    first = mix([(a, MixSpec(samples=30)), (b, MixSpec(samples=10))], seed=1)
-    second = mix([(a, MixSpec(samples=30)), (b, MixSpec(weight=3))], seed=1)
+    first = mix([(a, Source("f", samples=30)), (b, Source("f", samples=10))], seed=1)
+    second = mix([(a, Source("f", samples=30)), (b, Source("f", weight=3))], seed=1)
     assert first[:30] == second[:30]
 
 
 def test_real_files():
     chat = load_records(ASSETS / "data" / "chat_messages.jsonl").records
     gsm8k = load_records(ASSETS / "data" / "gsm8k.jsonl").records
-    mixed, report = mix_with_report([(chat, MixSpec(samples=4)), (gsm8k, MixSpec(weight=2))], seed=0)
+    mixed, report = mix_with_report([(chat, Source("f", samples=4)), (gsm8k, Source("f", weight=2))], seed=0)
     assert len(mixed) == 4 + 2 * len(gsm8k)
     assert report.sources[0].name.endswith("chat_messages.jsonl")
     assert all(m.source.startswith(report.sources[0].name) for m in mixed[:4])

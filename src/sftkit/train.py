@@ -61,7 +61,7 @@ def setup_speed(model: PreTrainedModel, config: Config) -> None:
     """Attention per document for packed rows on CPU (sftkit.attention), `train.gradient_checkpointing` and
     `train.compile`, all in place (parameter names stay the same)."""
     train = config.train
-    if config.data.packing or config.data.padding_free:
+    if config.data.packed_documents:
         use_document_attention(model)
     if train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -32,7 +32,7 @@ import torch
 
 from sftkit.config import ConfigError, DataConfig, TrainConfig
 from sftkit.data.formats import LoadReport
-from sftkit.data.mixing import MixSpec, mix_with_report
+from sftkit.data.mixing import mix_with_report
 from sftkit.data.pack import collate_documents, pack
 from sftkit.data.messages import Conversation, DataError, Record
 from sftkit.data.pipeline import load_all
@@ -78,10 +78,10 @@ def mix_sources(
 ) -> list[Record]:
     """Apply the `{path, weight|samples}` entries of `data.train`; plain paths are taken as they are."""
     sources = config.sources()
-    if all(spec == MixSpec() for _, spec in sources):
+    if not any(source.mixed for source in sources):
         return train_records
     held = {id(r) for r in eval_records}
-    parts = [([r for r in load.records if id(r) not in held], spec) for (_, spec), load in zip(sources, loads)]
+    parts = [([r for r in load.records if id(r) not in held], source) for source, load in zip(sources, loads)]
     mixed, report = mix_with_report(parts, seed=seed)
     print(report.summary())
     return mixed
@@ -90,7 +90,7 @@ def mix_sources(
 def load_splits(config: DataConfig, renderer: Renderer, seed: int) -> tuple[Split, Split]:
     """(train, eval) from `data.train` plus `data.eval` or `data.eval_fraction`."""
     read = {"format": config.format, "columns": config.columns, "skip_invalid": config.skip_invalid}
-    records, loads = load_all(config.paths(), **read)
+    records, loads = load_all([s.path for s in config.sources()], **read)
     train_records, eval_records = hold_out(records, config.eval_fraction, seed)  # before mixing: no leaks
     train_records = mix_sources(train_records, eval_records, loads, config, seed)
     eval_loads: list[LoadReport] = []
@@ -101,7 +101,7 @@ def load_splits(config: DataConfig, renderer: Renderer, seed: int) -> tuple[Spli
     evaluation = Split(eval_records, render_records(eval_records, renderer, **render), eval_loads)
     if not train.examples:
         reasons = dict(train.left_out()) or "no records"
-        raise DataError(", ".join(config.paths()), f"no usable training examples ({reasons})", "data.train")
+        raise DataError(", ".join(s.path for s in config.sources()), f"no usable training examples ({reasons})", "data.train")
     return train, evaluation
 
 
@@ -208,10 +208,8 @@ class Batcher:
     @classmethod
     def from_config(cls, examples: list[Tokenized], pad_id: int, data: DataConfig, train: TrainConfig) -> Batcher:
         """The batcher `data.packing` / `data.padding_free` / `data.group_by_length` ask for."""
-        mode = ("packed" if data.packing else "padding_free" if data.padding_free
-                else "grouped" if data.group_by_length else "padded")
         return cls(examples, pad_id, batch_size=train.batch_size, grad_accum=train.grad_accum, seed=train.seed,
-                   mode=mode, max_length=data.max_length)
+                   mode=data.batching, max_length=data.max_length)
 
     def steps_per_epoch(self) -> int:
         return steps_per_epoch(len(self.units), self.batch_size, self.grad_accum)

@@ -7,11 +7,11 @@
         - {path: b.jsonl, samples: 500}    # 500 records of b.jsonl, drawn without replacement
         - c.jsonl                          # all of c.jsonl, once
 
-    records, report = mix_with_report([(a, MixSpec(weight=2)), (b, MixSpec(samples=500)),
-                                       (c, MixSpec())], seed=0)
+    records, report = mix_with_report([(a, Source("a.jsonl", weight=2)), (b, Source("b.jsonl", samples=500)),
+                                       (c, Source("c.jsonl"))], seed=0)
     print(report.summary())
 
-How many records a source gives (`MixSpec.count`): `samples` is a number of records; `weight`
+How many records a source gives (`count`; `Source` is the config's `data.train` entry): `samples` is a number of records; `weight`
 scales the source's size, round(weight * size) with halves rounded up: 0.5 = a random half, 1 = all,
 2 = all twice, 2.5 = all twice plus a random half; neither = all of it, once.
 
@@ -33,32 +33,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sftkit.config import Source
 from sftkit.data.messages import Record
 
 
-@dataclass(frozen=True)
-class MixSpec:
-    """How much of one source to train on: `weight` or `samples` (at most one); neither = all."""
-
-    weight: float | None = None
-    samples: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.weight is not None and self.samples is not None:
-            raise ValueError(f"give a source a weight or a number of samples, not both ({self})")
-        if self.weight is not None and not (math.isfinite(self.weight) and self.weight >= 0):
-            raise ValueError(f"weight must be a finite number >= 0, not {self.weight!r}")
-        if self.samples is not None and (isinstance(self.samples, bool) or not isinstance(self.samples, int)
-                                         or self.samples < 0):
-            raise ValueError(f"samples must be a whole number >= 0, not {self.samples!r}")
-
-    def count(self, size: int) -> int:
-        """How many records this spec takes from a source of `size` records."""
-        if self.samples is not None:
-            return self.samples
-        if self.weight is not None:
-            return math.floor(self.weight * size + 0.5)
-        return size
+def count(source: Source, size: int) -> int:
+    """How many records `source` takes from a file of `size` records."""
+    if source.samples is not None:
+        return source.samples
+    if source.weight is not None:
+        return math.floor(source.weight * size + 0.5)
+    return size
 
 
 @dataclass(frozen=True)
@@ -105,18 +90,18 @@ def pick(size: int, count: int, rng: np.random.Generator) -> list[int]:
     return np.sort(chosen, kind="stable").tolist()
 
 
-def mix_with_report(sources: Sequence[tuple[list[Record], MixSpec]], seed: int) -> tuple[list[Record], MixReport]:
+def mix_with_report(sources: Sequence[tuple[list[Record], Source]], seed: int) -> tuple[list[Record], MixReport]:
     """The mixed records (see the module docstring) and how many each source gave."""
     mixed: list[Record] = []
     counts = []
     for position, (records, spec) in enumerate(sources):
-        chosen = pick(len(records), spec.count(len(records)), np.random.default_rng([seed, position]))
+        chosen = pick(len(records), count(spec, len(records)), np.random.default_rng([seed, position]))
         mixed.extend(records[i] for i in chosen)
         counts.append(SourceCount(_name(records, position), len(records), len(chosen), len(set(chosen))))
     return mixed, MixReport(counts)
 
 
-def mix(sources: Sequence[tuple[list[Record], MixSpec]], seed: int) -> list[Record]:
+def mix(sources: Sequence[tuple[list[Record], Source]], seed: int) -> list[Record]:
     """The mixed records; `mix_with_report` also says how many each source gave."""
     return mix_with_report(sources, seed)[0]
 
