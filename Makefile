@@ -25,7 +25,7 @@ demo: setup
 
 # the claims about SFT, each a controlled run on the demo base model -> reports/evidence.md (~20 min on 2 CPU cores)
 evidence: setup
-	$(BIN)/python -m sftkit.demo.evidence
+	$(BIN)/python -m sftkit_demo.evidence
 
 test: setup
 	$(BIN)/python -m pytest -q

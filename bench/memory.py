@@ -73,10 +73,14 @@ def child(kind: str, model_dir: Path, steps: int, device_name: str, threads: int
     if threads:
         torch.set_num_threads(threads)
 
-    from sftkit.config import ConfigError, load_config
-    from sftkit.data.dataset import collate, window
+    from sftkit.config import ConfigError
+    from sftkit.recipe import load_config
+    from sftkit.data.batches import collate, window
     from sftkit.model import count_parameters, resolve_device
-    from sftkit.train import backward_window, seed_everything, setup_data, setup_model, setup_optimizer
+    from transformers import set_seed
+
+    from sftkit.data.templates import pad_token_id
+    from sftkit.train import backward_window, setup_data, setup_model, setup_optimizer
 
     base_rss = rss_mb()
     overrides = [f"model.path={model_dir}", f"data.train={DATA}", "data.max_length=512", "model.dtype=float32",
@@ -84,7 +88,7 @@ def child(kind: str, model_dir: Path, steps: int, device_name: str, threads: int
                  *KINDS[kind]]
     config = load_config(None, overrides)
     device = resolve_device(device_name)
-    seed_everything(0)
+    set_seed(0)
     try:
         model, tokenizer, _ = setup_model(config, device)
     except ConfigError as err:
@@ -92,7 +96,7 @@ def child(kind: str, model_dir: Path, steps: int, device_name: str, threads: int
     examples = setup_data(config, tokenizer)[0].examples
     optimizer, _ = setup_optimizer(model, config.train, steps)
     trainable, total = count_parameters(model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
@@ -121,7 +125,7 @@ def child(kind: str, model_dir: Path, steps: int, device_name: str, threads: int
 
 # -- the parent: one model, one subprocess per configuration, one table -----------------------------
 def build_model(out: Path, hidden: int, layers: int) -> Path:
-    from sftkit.model import save_tiny_model
+    from sftkit.checkpoint import save_tiny_model
 
     heads = hidden // 64
     return save_tiny_model(QWEN2_CONFIG, TOKENIZER, out, layers=layers, hidden=hidden, heads=heads,

@@ -6,7 +6,7 @@
 
 What is measured, on the same `messages` JSONL and the same Qwen2.5 tokenizer:
 
-  sftkit  `sftkit.data.pipeline.build_examples([jsonl], tok, strategy="assistant", max_length=2048,
+  sftkit  `sftkit.data.load.load_data(DataConfig(train=[jsonl], strategy="assistant", max_length=2048,
           num_proc=N)`: sftkit's own loader reads the file, the renderer masks by prefix difference
           with the tokenizer's own template (what `sftkit data preview` and training run). Qwen2.5
           qualifies for tiktoken (`sftkit.data.fast_bpe`: the tokenizer's own ids, audited).
@@ -159,19 +159,20 @@ def sftkit_pool_problem() -> str | None:
 
 
 def run_sftkit(path: Path, tok_dir: Path, num_proc: int, max_length: int, rows: int, fast_bpe: bool = True) -> Result:
-    from sftkit.data.pipeline import build_examples, load_all
+    from sftkit.config import DataConfig
+    from sftkit.data.load import load_data, read_files
     from sftkit.data.templates import prepare_tokenizer
     from sftkit.model import load_tokenizer
 
     tokenizer = load_tokenizer(tok_dir)
     prepare_tokenizer(tokenizer)
+    data = DataConfig(train=[str(path)], strategy="assistant", max_length=max_length, num_proc=num_proc,
+                      fast_bpe=fast_bpe)
     start, cpu = time.perf_counter(), cpu_seconds()
-    report = build_examples([path], tokenizer, strategy="assistant", max_length=max_length, num_proc=num_proc,
-                            fast_bpe=fast_bpe)
+    examples = load_data(data, tokenizer, seed=0, progress=False)[0].examples
     seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
-    examples = report.render.examples
     load_start = time.perf_counter()  # the loader alone, measured again for the breakdown
-    load_all([path])
+    read_files([path], data)
     load_s = time.perf_counter() - load_start
     tokens = sum(len(e.input_ids) for e in examples)
     return Result("sftkit" if fast_bpe else "sftkit-tok", num_proc, rows, len(examples), tokens, load_s, seconds, cpu)
@@ -222,14 +223,16 @@ def run_trl(path: Path, tok_dir: Path, num_proc: int | None, max_length: int, ro
 # -- correctness --------------------------------------------------------------------------------
 def cross_check(rows: list[dict], tok_dir: Path, out: Path) -> list[str]:
     """sftkit labels vs TRL labels, token by token, on `rows` (no truncation on either side)."""
-    from sftkit.data.pipeline import build_examples
+    from sftkit.config import DataConfig
+    from sftkit.data.load import load_data
     from sftkit.data.templates import prepare_tokenizer
     from sftkit.model import load_tokenizer
 
     path = write_jsonl(rows, len(rows), out / "check.jsonl")
     tokenizer = load_tokenizer(tok_dir)
     prepare_tokenizer(tokenizer)
-    ours = build_examples([path], tokenizer, strategy="assistant").render
+    data = DataConfig(train=[str(path)], strategy="assistant", max_length=1 << 30)  # no truncation
+    ours = load_data(data, tokenizer, seed=0, progress=False)[0].report
     trainer = trl_trainer(tok_dir, 1, None, rows[0], out / "trl-check")
     theirs, _ = trl_prepare(trainer, path)
     if len(ours.examples) != len(theirs):

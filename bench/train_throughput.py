@@ -22,7 +22,7 @@ examples instead, so both train exactly the same tokens (a check of the training
 
 Configurations, interleaved sftkit / TRL, each in its own subprocess of this one (so its peak RSS
 is its own, read with wait4):
-  sftkit padded / padding-free / packed   `sftkit.train.train` with data.padding_free / data.packing
+  sftkit padded / padding-free / packed   `sftkit.train.train` with data.batching=padding_free / packed
   TRL padded / padding-free / packed (BFD) `SFTTrainer` with padding_free / packing (gradient
                                            checkpointing off: TRL's default, on, is slower)
   TRL packed (wrapped)                     packing_strategy="wrapped": documents attend across each other
@@ -30,7 +30,7 @@ is its own, read with wait4):
 
 Throughput leaves out the first 10 optimizer steps (warm-up); trained tokens carry loss, input
 tokens are all non-pad tokens. "final loss" is the token-weighted loss on the 100 held-out
-conversations after training, computed by the same function (`sftkit.train.evaluate`) for both.
+conversations after training, computed by the same function (`sftkit.evaluate.perplexity.eval_loss`) for both.
 On CUDA it also prints MFU against a measured bf16 matmul rate (written for CUDA, untested: the
 machine this was written on has no GPU). The last line is `sftkit/TRL trained tokens/s ratio:
 X.XX`: sftkit's best configuration against TRL's best that keeps documents apart.
@@ -107,7 +107,8 @@ def prepare(work: Path, n_train: int) -> dict[str, str]:
         return paths
     from transformers import AutoTokenizer
 
-    from sftkit.data.pipeline import build_examples
+    from sftkit.config import DataConfig
+    from sftkit.data.load import load_data
     from sftkit.data.templates import prepare_tokenizer
     from sftkit.model import build_tiny_model
 
@@ -118,7 +119,7 @@ def prepare(work: Path, n_train: int) -> dict[str, str]:
     tokenizer = qwen.train_new_from_iterator(texts, vocab_size=VOCAB)
     everything = write_jsonl(work / "all.jsonl", rows)
     prepare_tokenizer(tokenizer)
-    examples = build_examples([everything], tokenizer).render.examples
+    examples = load_data(DataConfig(train=[str(everything)], max_length=1 << 30), tokenizer, 0)[0].examples
     fits = sorted(int(ex.source.rsplit(":", 1)[1]) - 1 for ex in examples if len(ex.input_ids) <= MAX_LENGTH)
     if len(fits) < n_train + EVAL_EXAMPLES:
         sys.exit(f"only {len(fits)} conversations fit in {MAX_LENGTH} tokens; ask for fewer --examples")
@@ -134,10 +135,10 @@ def prepare(work: Path, n_train: int) -> dict[str, str]:
 
 # -- workers: one configuration per process ------------------------------------------------------
 def run_sftkit(paths: dict[str, str], out: Path, settings: dict, dtype: str, device: str) -> dict:
-    from sftkit.config import Config
+    from sftkit.recipe import config_from_dict
     from sftkit.train import train
 
-    config = Config.from_dict({
+    config = config_from_dict({
         "model": {"path": paths["model"], "dtype": dtype},
         "data": {"train": paths["train"], "eval": paths["eval"], "max_length": MAX_LENGTH, **settings},
         "train": {"epochs": 1, "batch_size": BATCH, "lr": LR, "warmup_ratio": WARMUP, "log_every": SKIP_STEPS,
@@ -167,10 +168,11 @@ def run_trl(paths: dict[str, str], out: Path, settings: dict, dtype: str, device
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from sftkit.data.dataset import epoch_order
-    from sftkit.data.pipeline import build_examples
+    from sftkit.config import DataConfig
+    from sftkit.data.batches import epoch_order
+    from sftkit.data.load import load_data
     from sftkit.data.templates import prepare_tokenizer
-    from sftkit.train import evaluate
+    from sftkit.evaluate.perplexity import eval_loss
 
     class StepClock(TrainerCallback):
         def __init__(self) -> None:
@@ -199,7 +201,7 @@ def run_trl(paths: dict[str, str], out: Path, settings: dict, dtype: str, device
 
         ours = AutoTokenizer.from_pretrained(paths["model"])
         prepare_tokenizer(ours)
-        examples = build_examples([paths["train"]], ours, max_length=MAX_LENGTH).render.examples
+        examples = load_data(DataConfig(train=[paths["train"]], max_length=MAX_LENGTH), ours, 0)[0].examples
         dataset = Dataset.from_dict({"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]})
     same_order = not settings.get("packing")  # packed rows differ between the tools: TRL shuffles its own
     if same_order:  # sftkit's example order for this seed, so final losses compare the tools, not two shuffles
@@ -221,10 +223,10 @@ def run_trl(paths: dict[str, str], out: Path, settings: dict, dtype: str, device
     intervals = [(sum(c[0] for c in counts[k : k + SKIP_STEPS]), sum(c[1] for c in counts[k : k + SKIP_STEPS]),
                   times[min(k + SKIP_STEPS, steps) - 1] - times[k - 1]) for k in range(SKIP_STEPS, steps, SKIP_STEPS)]
     prepare_tokenizer(tokenizer)
-    eval_examples = build_examples([paths["eval"]], tokenizer, max_length=MAX_LENGTH).render.examples
-    eval_loss, _ = evaluate(trainer.model, eval_examples, BATCH, tokenizer.pad_token_id)
+    eval_examples = load_data(DataConfig(train=[paths["eval"]], max_length=MAX_LENGTH), tokenizer, 0)[0].examples
+    final_eval, _ = eval_loss(trainer.model, eval_examples, BATCH, tokenizer.pad_token_id)
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-    return {"steps": steps, **totals(intervals), "eval_loss": eval_loss,
+    return {"steps": steps, **totals(intervals), "eval_loss": final_eval,
             "train_loss": losses[-1] if losses else float("nan")}
 
 

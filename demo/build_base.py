@@ -7,13 +7,13 @@
 
 Steps, all deterministic for a given --seed:
   1. demo/data/: the world's split, the pre-training corpus and the SFT / held-out files
-     (`sftkit.demo.dataset.write_demo_data`);
+     (`sftkit_demo.dataset.write_demo_data`);
   2. a byte-level BPE tokenizer trained on the corpus, and a randomly initialised Llama with it,
-     written to runs/demo-base/init/ (`sftkit.demo.base`);
+     written to runs/demo-base/init/ (`sftkit_demo.base`);
   3. pre-training by sftkit itself: `sftkit train demo/pretrain.yaml` (strategy `all`, every
      token of the raw documents trained), into runs/demo-base/pretrain/;
   4. the weights of final/ with the initial, template-free tokenizer written to demo/base-model/
-     — the model `sftkit demo` starts from (committed, < 25 MB; `sftkit.demo.base.save_base_model`).
+     — the model `sftkit demo` starts from (committed, < 25 MB; `sftkit_demo.base.save_base_model`).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from sftkit.demo.base import BaseModelSpec, save_base_model, train_tokenizer, write_initial_model  # noqa: E402
-from sftkit.demo.dataset import read_jsonl, write_demo_data  # noqa: E402
+from sftkit_demo.base import BaseModelSpec, save_base_model, train_tokenizer, write_initial_model  # noqa: E402
+from sftkit_demo.dataset import read_jsonl, write_demo_data  # noqa: E402
 
 DATA = ROOT / "demo" / "data"
 BASE_MODEL = ROOT / "demo" / "base-model"

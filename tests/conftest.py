@@ -56,7 +56,7 @@ def tiny_chat_recipe(root: Path, words: tuple[str, ...], train: dict) -> Path:
 
     import yaml
 
-    from sftkit.model import save_tiny_model
+    from sftkit.checkpoint import save_tiny_model
 
     model_dir = save_tiny_model(config_path("gpt2"), tokenizer_dir("gpt2"), root / "tiny-gpt2",
                                 layers=1, hidden=32, heads=2, intermediate=64)

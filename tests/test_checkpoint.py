@@ -26,11 +26,13 @@ from sftkit.checkpoint import (
     prune_checkpoints,
     restore_metrics,
     save_checkpoint,
+    save_tiny_model,
     verify_checkpoint,
 )
 from sftkit.cli import main
-from sftkit.config import load_config
-from sftkit.model import load_model, save_tiny_model
+from sftkit.recipe import load_config
+from sftkit.durable import file_sha256
+from sftkit.model import load_model
 from sftkit.train import setup_optimizer
 from tests.conftest import config_path, tokenizer_dir
 
@@ -72,13 +74,13 @@ def test_checkpoint_contents_manifest_and_pruning(full_run: Path) -> None:
     step3 = full_run / "checkpoints" / "step-3"
     assert latest_checkpoint(full_run) == full_run / "checkpoints" / "step-4"
     for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "chat_template.jinja",
-                 "config.yaml", "optimizer.pt", "scheduler.pt", "rng.pt", "metrics.jsonl", STATE_FILE, MANIFEST):
+                 "sftkit_config.yaml", "optimizer.pt", "scheduler.pt", "rng.pt", "metrics.jsonl", STATE_FILE, MANIFEST):
         assert (step3 / name).is_file(), name
     manifest = json.loads((step3 / MANIFEST).read_text())
     assert manifest["step"] == 3
     on_disk = {p.name for p in step3.iterdir()} - {MANIFEST}
     assert set(manifest["files"]) == on_disk
-    assert manifest["files"]["model.safetensors"]["sha256"] == ckpt.file_sha256(step3 / "model.safetensors")
+    assert manifest["files"]["model.safetensors"]["sha256"] == file_sha256(step3 / "model.safetensors")
     assert verify_checkpoint(step3) is None
 
     state = json.loads((step3 / STATE_FILE).read_text())
@@ -88,7 +90,7 @@ def test_checkpoint_contents_manifest_and_pruning(full_run: Path) -> None:
     assert {"python", "numpy"} <= set(state["rng"]) and set(torch.load(step3 / "rng.pt")) >= {"torch"}
     assert state["interval"]["trained"] > 0  # step 3's loss, not logged yet (log_every=2), travels along
     assert "<|im_start|>" in (step3 / "chat_template.jinja").read_text()
-    assert load_config(step3 / "config.yaml").train.save_every == 1
+    assert load_config(step3 / "sftkit_config.yaml").train.save_every == 1
     assert [m["step"] for m in metrics(step3)] == [2]  # the metrics logged so far
     assert not list(full_run.rglob("*.tmp")) and not list(full_run.rglob("*.old"))
 

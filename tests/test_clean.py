@@ -1,4 +1,4 @@
-"""`sftkit data clean` (and `sftkit.data.dedupe`): planted duplicates are removed exactly, the rest
+"""`sftkit data clean` (and `sftkit.data.tools.dedupe`): planted duplicates are removed exactly, the rest
 kept in order and shape.
 
 Real records (committed fixtures; LIMA from ../shared when present) get k exact duplicates planted
@@ -22,11 +22,10 @@ import pytest
 from transformers import AutoTokenizer
 
 from sftkit.cli import main
-from sftkit.data.clean import CleanOptions, clean_file, write_clean_report
-from sftkit.data.dedupe import find_duplicates, jaccard, normalise, shingles
 from sftkit.data.formats import load_records
-from sftkit.data.messages import Conversation, DataError
-from sftkit.data.sources import DataFileError
+from sftkit.data.messages import Conversation, DataError, DataFileError
+from sftkit.data.tools.clean import CleanOptions, clean_file, write_clean_report
+from sftkit.data.tools.dedupe import find_duplicates, jaccard, normalise, shingles
 from tests.conftest import ASSETS, shared_file, tokenizer_dir
 
 DATA = ASSETS / "data"

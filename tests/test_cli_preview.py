@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from torch import device as torch_device
 from transformers import AutoTokenizer
 
 from sftkit.cli import main
@@ -48,7 +49,7 @@ def test_max_length_and_strategy_flags(capsys: pytest.CaptureFixture[str]) -> No
     args = ["--tokenizer", str(tokenizer_dir("qwen2.5")), "--data", str(CHAT), "--json"]
     _, out, _ = run(capsys, *args, "--strategy", "all", "--max-length", "40")
     rows = [json.loads(line) for line in out.splitlines()]
-    assert all(len(r["input_ids"]) <= 40 and r["labels"] == r["input_ids"] for r in rows)
+    assert all(len(r["input_ids"]) <= 40 and r["labels"] == [IGNORE_INDEX, *r["input_ids"][1:]] for r in rows)
 
 
 def test_human_view_marks_trained_text_and_builtin_template(capsys: pytest.CaptureFixture[str]) -> None:
@@ -94,3 +95,44 @@ def test_preview_every_shared_instruction_file(path: Path, capsys: pytest.Captur
     rows = [json.loads(line) for line in out.splitlines()]
     assert rows and all(any(t != IGNORE_INDEX for t in r["labels"]) for r in rows)
     assert f"{len(rows)} examples" in err
+
+
+def test_preview_of_a_recipe_is_exactly_what_training_trains(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`sftkit data preview RECIPE --json` and the training path's data entry give the same ids and labels, with
+    Llama-3.2's template and a `data.template_kwargs.date_string` (which a preview once left out)."""
+    import yaml
+
+    from sftkit.checkpoint import save_tiny_model
+    from sftkit.recipe import load_config
+    from sftkit.data.batches import Batcher
+    from sftkit.train import setup_data, setup_model
+    from tests.conftest import config_path
+
+    model_dir = save_tiny_model(config_path("llama3.2"), tokenizer_dir("llama3.2"), tmp_path / "model", layers=1)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"path": str(model_dir)},
+        "data": {"train": str(CHAT), "eval_fraction": 0.2, "max_length": 200,
+                 "template_kwargs": {"date_string": "26 Jul 2024"}},
+        "train": {"seed": 3},
+    }))
+    config = load_config(recipe)
+    _, tokenizer, _ = setup_model(config, torch_device("cpu"))
+    train, evaluation = setup_data(config, tokenizer)
+    for split, examples in (("train", train.examples), ("eval", evaluation.examples)):
+        code, out, err = run(capsys, str(recipe), "--json", "--split", split)
+        assert code == 0, err
+        rows = [json.loads(line) for line in out.splitlines()]
+        assert rows == [{"input_ids": ex.input_ids, "labels": ex.labels} for ex in examples]
+    text = tokenizer.decode(train.examples[0].input_ids)
+    assert "Today Date: 26 Jul 2024" in text  # the recipe's date reached the template (not today's)
+    _, out, _ = run(capsys, str(recipe), "data.template_kwargs={}", "--json")  # without it: other tokens
+    assert json.loads(out.splitlines()[0])["input_ids"] != train.examples[0].input_ids
+
+    # packed rows: the rows the training batcher packs, with position_ids restarting per conversation
+    code, out, _ = run(capsys, str(recipe), "data.batching=packed", "--json")
+    packed = [json.loads(line) for line in out.splitlines()]
+    batcher = Batcher(train.examples, 0, batch_size=1, grad_accum=1, seed=3, mode="packed", max_length=200)
+    assert [row["input_ids"] for row in packed] == [
+        [t for i in unit for t in train.examples[i].input_ids] for unit in batcher.units]
+    assert all(row["position_ids"].count(0) == len(unit) for row, unit in zip(packed, batcher.units))

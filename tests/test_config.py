@@ -1,4 +1,4 @@
-"""Config: YAML + dotted overrides, errors that name the key, the resolved config.yaml round-trips."""
+"""Config: YAML + dotted overrides, errors that name the key, the resolved sftkit_config.yaml round-trips."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from sftkit.cli import main
-from sftkit.config import Config, ConfigError, load_config
+from sftkit.config import ConfigError
+from sftkit.recipe import config_from_dict, load_config
 
 BASE = ["model.path=models/tiny", "data.train=data/train.jsonl"]
 
@@ -116,7 +117,7 @@ def test_dump_round_trips(tmp_path: Path) -> None:
     assert yaml.safe_load(path.read_text())["train"]["lr"] == 1e-5
     again = load_config(path)
     assert again == config
-    assert Config.from_dict(config.to_dict()) == config
+    assert config_from_dict(config.to_dict()) == config
 
 
 def test_cli_reports_config_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -143,10 +144,9 @@ def test_python_dash_m_sftkit_train(tmp_path: Path) -> None:
 
 def test_data_train_mixes_sources_by_weight_and_samples() -> None:
     """`data.train` entries with weight/samples go through sftkit.data.mixing, seeded by train.seed."""
-    from sftkit.data.dataset import load_splits
-    from sftkit.data.render import Renderer
     from transformers import AutoTokenizer
 
+    from sftkit.data.load import load_data
     from tests.conftest import ASSETS, tokenizer_dir
 
     chat, identity = str(ASSETS / "data" / "chat_messages.jsonl"), str(ASSETS / "data" / "identity_alpaca.json")
@@ -155,10 +155,10 @@ def test_data_train_mixes_sources_by_weight_and_samples() -> None:
     ])  # fmt: skip
     assert [s.path for s in config.data.sources()] == [chat, identity]
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir("qwen2.5"))
-    train, _ = load_splits(config.data, Renderer(tokenizer), seed=0)
+    train, _ = load_data(config.data, tokenizer, seed=0)
     sources = [r.source.rsplit(":", 1)[0] for r in train.records]
     assert sources.count(chat) == 2 * 10 and sources.count(identity) == 2  # 10 chats (one trailing turn dropped)
-    again, _ = load_splits(config.data, Renderer(tokenizer), seed=0)
+    again, _ = load_data(config.data, tokenizer, seed=0)
     assert [r.source for r in again.records] == [r.source for r in train.records]
 
 

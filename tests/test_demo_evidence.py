@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from sftkit.demo.evidence import NEVER, Setup, corrupt, question_sets
-from sftkit.demo.evidence_report import epochs, knowledge, learning_rate
-from sftkit.demo.world import COUNTRIES, split_countries
+from sftkit_demo.evidence import NEVER, Setup, corrupt, question_sets
+from sftkit_demo.evidence_report import epochs, knowledge, learning_rate
+from sftkit_demo.world import COUNTRIES, split_countries
 
 ROWS = [{"messages": [{"role": "user", "content": "What is the capital of France?"},
                       {"role": "assistant", "content": "The capital of France is Paris."}]}] * 20

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 from safetensors import safe_open
+from sftkit_demo.report import Figures, final_line
+from sftkit_demo.run import DEFAULT_BASE, DemoOptions, run_demo
+from sftkit_demo.score import first_sentence, judge
 from transformers import AutoTokenizer
 
 from sftkit.cli import main
-from sftkit.demo.report import Figures, final_line
-from sftkit.demo.run import DEFAULT_BASE, DemoOptions, run_demo
-from sftkit.demo.score import first_sentence, judge
 
 LAST_LINE = re.compile(r"^held-out: base answered (\d+)%, SFT correct (\d+)%$")
 

@@ -1,4 +1,4 @@
-"""The demo's world, corpus, SFT data and tokenizer (sftkit.demo.*, demo/build_base.py)."""
+"""The demo's world, corpus, SFT data and tokenizer (sftkit_demo.*, demo/build_base.py)."""
 
 from __future__ import annotations
 
@@ -9,15 +9,26 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from sftkit_demo.base import (
+    SPECIAL_TOKENS,
+    BaseModelSpec,
+    train_tokenizer,
+    write_initial_model,
+)
+from sftkit_demo.chats import build_sft, heldout_questions
+from sftkit_demo.corpus import build_corpus
+from sftkit_demo.dataset import FILES, read_jsonl, write_demo_data
+from sftkit_demo.phrasing import ANSWERS, FACTS, answer, fill
+from sftkit_demo.stories import asked_story, travel_story
+from sftkit_demo.world import (
+    ATTRIBUTES,
+    BY_NAME,
+    CONTINENTS,
+    COUNTRIES,
+    Country,
+    split_countries,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from sftkit.demo.base import SPECIAL_TOKENS, BaseModelSpec, train_tokenizer, write_initial_model
-from sftkit.demo.chats import build_sft, heldout_questions
-from sftkit.demo.corpus import build_corpus
-from sftkit.demo.dataset import FILES, read_jsonl, write_demo_data
-from sftkit.demo.phrasing import ANSWERS, FACTS, answer, fill
-from sftkit.demo.stories import asked_story, travel_story
-from sftkit.demo.world import ATTRIBUTES, BY_NAME, CONTINENTS, COUNTRIES, Country, split_countries
 
 DEMO = Path(__file__).resolve().parents[1] / "demo"
 

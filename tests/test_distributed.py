@@ -28,10 +28,10 @@ import yaml
 from safetensors.torch import load_file
 
 from sftkit import distributed
+from sftkit.checkpoint import save_tiny_model
 from sftkit.config import ConfigError, TrainConfig
-from sftkit.data.dataset import Batcher
+from sftkit.data.batches import Batcher
 from sftkit.data.render import Tokenized
-from sftkit.model import save_tiny_model
 from tests.conftest import config_path, tokenizer_dir
 
 STEPS = 6  # 9 examples, global batch 4: windows of 4, 4, 1 -> 3 steps per epoch, 2 epochs
@@ -168,12 +168,12 @@ def test_each_rank_takes_its_own_contiguous_part_of_every_micro_batch() -> None:
     batcher = Batcher(examples([3, 5, 2, 7, 4, 6, 3, 2, 5]), 0, batch_size=4, grad_accum=2, seed=0)
     for step in range(batcher.steps_per_epoch()):
         _, micro = batcher.window(step)
-        parts = [distributed.shard(micro, batcher, rank, 2) for rank in (0, 1)]
+        parts = [batcher.shard(micro, rank, 2) for rank in (0, 1)]
         for i, ids in enumerate(micro):
             assert parts[0][i] + parts[1][i] == ids  # together: the whole micro-batch, in order, nothing twice
             assert abs(len(parts[0][i]) - len(parts[1][i])) <= 1
     _, last = batcher.window(1)  # 9 examples, windows of 8: the last holds one example
-    assert [distributed.shard(last, batcher, r, 2) for r in (0, 1)] == [[[]], [last[0]]]  # rank 0 idles
+    assert [batcher.shard(last, r, 2) for r in (0, 1)] == [[[]], [last[0]]]  # rank 0 idles
 
 
 def test_packed_rows_are_never_split_between_ranks() -> None:
@@ -182,7 +182,7 @@ def test_packed_rows_are_never_split_between_ranks() -> None:
     for step in range(batcher.steps_per_epoch()):
         _, micro = batcher.window(step)
         for rank in (0, 1):
-            for ids in distributed.shard(micro, batcher, rank, 2):
+            for ids in batcher.shard(micro, rank, 2):
                 rows = {batcher.row_of[i] for i in ids}
                 assert sorted(ids) == sorted(i for row in rows for i in batcher.units[row])  # whole rows only
 
@@ -190,13 +190,14 @@ def test_packed_rows_are_never_split_between_ranks() -> None:
 def test_an_idle_batch_trains_nothing_yet_reaches_every_parameter() -> None:
     from transformers import AutoTokenizer
 
+    from sftkit.data.batches import idle_batch
     from sftkit.data.templates import prepare_tokenizer
     from sftkit.model import build_tiny_model
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir("gpt2"))
     prepare_tokenizer(tokenizer, "chatml")
     model = build_tiny_model(config_path("qwen2"), tokenizer)
-    loss = distributed.TokenLoss(model)(distributed.idle_batch(tokenizer.eos_token_id))
+    loss = distributed.TokenLoss(model)(idle_batch(tokenizer.eos_token_id))
     loss.backward()
     assert loss.item() == 0.0
     assert all(p.grad is not None and not p.grad.any() for p in model.parameters())  # DDP / FSDP hooks all fire

@@ -19,13 +19,15 @@ import yaml
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from sftkit.checkpoint import save_tiny_model
 from sftkit.cli import main
-from sftkit.config import load_config
-from sftkit.evidence.compare import read_prompts
-from sftkit.evidence.diff import group_of, weight_diff
-from sftkit.evidence.monitor import read_reference
-from sftkit.model import load_tokenizer, save_tiny_model
-from sftkit.train import evaluate, setup_data
+from sftkit.recipe import load_config
+from sftkit.evaluate.compare import read_prompts
+from sftkit.evaluate.diff import group_of, weight_diff
+from sftkit.evaluate.monitor import read_reference
+from sftkit.evaluate.perplexity import eval_loss
+from sftkit.model import load_tokenizer
+from sftkit.train import setup_data
 from tests.conftest import config_path, tokenizer_dir
 
 PAIRS = [("Name a colour of the sky.", "Blue."), ("What do bees make?", "Honey."), ("What is two plus two?", "Four."),
@@ -168,17 +170,24 @@ def test_reference_perplexity_rises_with_a_huge_learning_rate(world: dict[str, P
 
 
 def test_read_reference(tmp_path: Path) -> None:
-    (tmp_path / "r.txt").write_text("one\n\n\n two \n\n")
-    (tmp_path / "r.jsonl").write_text('{"text": "a"}\n\n{"text": "b"}\n')
-    assert read_reference(tmp_path / "r.txt") == ["one", "two"]
-    assert read_reference(tmp_path / "r.jsonl") == ["a", "b"]
+    """Reference text is read as training text is (`---` between .txt documents, {"text"} rows), and every
+    token of each document after the first is scored, in windows of data.max_length."""
+    tokenizer = load_tokenizer(tokenizer_dir("qwen2.5"))
+    (tmp_path / "r.txt").write_text("one two\n\n---\n\nthree four\n\n")
+    (tmp_path / "r.jsonl").write_text('{"text": "a b c d e"}\n\n{"text": "f g"}\n')
+    one, two = read_reference(tmp_path / "r.txt", tokenizer, max_length=8)
+    assert tokenizer.decode(one.input_ids) == "one two" and tokenizer.decode(two.input_ids) == "three four"
+    assert one.source == f"{tmp_path / 'r.txt'}:1 tokens 0-2"
+    windows = read_reference(tmp_path / "r.jsonl", tokenizer, max_length=3)
+    assert [tokenizer.decode(w.input_ids) for w in windows] == ["a b c", " d e", "f g"]
+    assert all(w.labels == [-100, *w.input_ids[1:]] for w in windows)
 
 
 # -- overfitting guard --------------------------------------------------------------------------
 def test_best_checkpoint_is_kept_and_training_stops_early(world: dict[str, Path]) -> None:
     run = world["huge"]
     evals = [r for r in metrics(run) if "eval_loss" in r]
-    config = load_config(run / "config.yaml")
+    config = load_config(run / "sftkit_config.yaml")
     steps_per_epoch = 4  # 8 examples, batch 2
     assert [r["step"] for r in evals] == [steps_per_epoch * (i + 1) for i in range(len(evals))]  # one per epoch
     best = min(evals, key=lambda r: r["eval_loss"])
@@ -191,7 +200,7 @@ def test_best_checkpoint_is_kept_and_training_stops_early(world: dict[str, Path]
     model = AutoModelForCausalLM.from_pretrained(run / "best")
     tokenizer = load_tokenizer(run / "best")
     _, eval_split = setup_data(config, tokenizer)
-    loss, _ = evaluate(model, eval_split.examples, 2, tokenizer.eos_token_id)
+    loss, _ = eval_loss(model, eval_split.examples, 2, tokenizer.eos_token_id)
     assert loss == pytest.approx(best["eval_loss"], rel=1e-4)
 
 

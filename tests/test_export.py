@@ -22,14 +22,13 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sftkit.checkpoint import save_final
+from sftkit.checkpoint import save_model, save_tiny_model
 from sftkit.cli import main
-from sftkit.config import load_config
-from sftkit.data.dataset import collate
+from sftkit.recipe import load_config
+from sftkit.data.batches import collate
 from sftkit.data.templates import end_of_turn_token_ids
 from sftkit.generate import generate_reply, load_for_generation
 from sftkit.lora import load_adapter, setup_lora_model
-from sftkit.model import save_tiny_model
 from sftkit.train import backward_window, setup_data, setup_optimizer
 from tests.conftest import config_path, tokenizer_dir
 
@@ -181,7 +180,7 @@ def test_dora_merges_to_the_same_logits(tmp_path: Path) -> None:
         backward_window(model, [collate(examples, tokenizer.eos_token_id)])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    final = save_final(tmp_path / "out", model, tokenizer, end_of_turn_token_ids(tokenizer), config)
+    final = save_model(tmp_path / "out", "final", model, tokenizer, end_of_turn_token_ids(tokenizer), config)
     assert main(["export", str(final), "--out", str(tmp_path / "merged"), "--merge"]) == 0
     ids = collate(examples, tokenizer.eos_token_id)["input_ids"]
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()

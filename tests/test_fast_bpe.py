@@ -13,14 +13,13 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from sftkit.data import fast_bpe
-from sftkit.data import encode, render_all
+from sftkit.data import encode, fast_bpe, render_all
 from sftkit.data.encode import TextEncoder
 from sftkit.data.fast_bpe import FastBPEMismatch, fast_bpe_for, why_not_fast
+from sftkit.data.formats import load_records
 from sftkit.data.messages import Conversation, Message
 from sftkit.data.render import Renderer
 from sftkit.data.render_all import RenderReport, render_records
-from sftkit.data.formats import load_records
 from tests.conftest import ASSETS, SHARED_DATA, requires_shared, tokenizer_dir
 
 QUALIFY = ("qwen2.5", "qwen3", "llama3.2")  # byte-level BPE with a split regex

@@ -25,7 +25,14 @@ from sftkit import checkpoint as ckpt
 from sftkit import faults
 from sftkit.checkpoint import latest_checkpoint, verify_checkpoint
 from sftkit.cli import main
-from sftkit.faults import NanGuard, NumericalFault, OutputNotWritable, StopSignals, check_output_dir, gradient_norm
+from sftkit.faults import (
+    NanGuard,
+    NumericalFault,
+    OutputNotWritable,
+    StopSignals,
+    check_output_dir,
+    gradient_norm,
+)
 from tests.conftest import tiny_chat_recipe
 
 WORDS = ("red", "green", "blue", "yellow", "black", "white")
@@ -63,7 +70,7 @@ def test_signal_saves_a_checkpoint_and_says_how_to_resume(recipe: Path, tmp_path
     name = signal.Signals(sig).name
     assert f"stopped by {name} after step {step}; checkpoint {saved}" in stderr
     assert "sftkit train CONFIG [your overrides] train.resume=true" in stderr
-    assert f"sftkit train {out / 'config.yaml'} train.resume=true" in stderr
+    assert f"sftkit train {out / 'sftkit_config.yaml'} train.resume=true" in stderr
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == step and not (out / "final").exists()
 

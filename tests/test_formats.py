@@ -10,7 +10,13 @@ from typing import Any
 
 import pytest
 
-from sftkit.data.formats import FORMATS, DataFileError, LoadReport, detect_format, load_records
+from sftkit.data.formats import (
+    FORMATS,
+    DataFileError,
+    LoadReport,
+    detect_format,
+    load_records,
+)
 from sftkit.data.messages import Conversation, DataError, Message, RawText
 from tests.conftest import ASSETS, SHARED_DATA, requires_shared, shared_file
 
@@ -336,7 +342,7 @@ def test_broken_file_raises_one_error_listing_the_first_five() -> None:
         "record or write the reply",
         f"  {path}:6: field 'messages[0].content': non-string content: got number — content must be a string",
         f"  {path}:7: not an object: got list — each record must be a JSON object ({{...}})",
-        "fix the records, or pass on_error=skip (CLI: --skip-invalid) to skip invalid records and count them",
+        "fix the records, or skip and count invalid ones: data.skip_invalid=true in a recipe, --skip-invalid on the command line",
     ])
 
 

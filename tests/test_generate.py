@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from sftkit.checkpoint import save_tiny_model
 from sftkit.cli import main
 from sftkit.data.messages import Conversation, Message
 from sftkit.data.render import IGNORE_INDEX, Renderer
@@ -25,7 +26,7 @@ from sftkit.generate import (
     stop_ids,
     training_template_kwargs,
 )
-from sftkit.model import ModelError, build_tiny_model, save_tiny_model
+from sftkit.model import ModelError, build_tiny_model
 from tests.conftest import config_path, tokenizer_dir
 
 QUESTION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]

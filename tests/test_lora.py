@@ -17,12 +17,20 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from sftkit.checkpoint import save_tiny_model
 from sftkit.cli import main
-from sftkit.config import ConfigError, load_config
-from sftkit.data.dataset import collate
-from sftkit.lora import QLORA_HELP, adapted_modules, check_quantization, setup_lora_model
-from sftkit.model import count_parameters, save_tiny_model
-from sftkit.train import backward_window, setup_data, setup_optimizer, summary
+from sftkit.config import ConfigError
+from sftkit.recipe import load_config
+from sftkit.data.batches import collate
+from sftkit.lora import (
+    QLORA_HELP,
+    adapted_modules,
+    check_quantization,
+    setup_lora_model,
+)
+from sftkit.model import count_parameters
+from sftkit.runlog import summary
+from sftkit.train import backward_window, setup_data, setup_optimizer
 from tests.conftest import config_path, tokenizer_dir
 
 CPU = torch.device("cpu")

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer
 
-from sftkit.data.dataset import collate
+from sftkit.data.batches import collate
 from sftkit.data.messages import Conversation, Message
 from sftkit.data.render import Renderer
 from sftkit.data.templates import prepare_tokenizer

@@ -8,9 +8,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from sftkit.config import Source
 from sftkit.data.formats import load_records
 from sftkit.data.messages import RawText
-from sftkit.config import Source
 from sftkit.data.mixing import count, mix, mix_with_report, pick
 from tests.conftest import ASSETS
 

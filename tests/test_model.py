@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from sftkit.checkpoint import save_tiny_model
 from sftkit.config import ModelConfig
 from sftkit.data.templates import prepare_tokenizer
 from sftkit.model import (
@@ -18,7 +19,6 @@ from sftkit.model import (
     init_new_token_rows,
     load_model,
     resolve_dtype,
-    save_tiny_model,
 )
 from tests.conftest import config_path, tokenizer_dir
 

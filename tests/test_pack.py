@@ -15,14 +15,21 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer
 
 from sftkit.attention import NAME as DOCUMENTS
+from sftkit.attention import block_causal_mask, model_inputs
 from sftkit.cli import main
-from sftkit.data.dataset import Batcher, collate, length_grouped, window
+from sftkit.data.batches import (
+    Batcher,
+    collate,
+    collate_documents,
+    length_grouped,
+    window,
+)
 from sftkit.data.formats import load_records
-from sftkit.data.pack import best_fit_decreasing, block_causal_mask, collate_documents, pack
+from sftkit.data.pack import best_fit_decreasing, pack
 from sftkit.data.render import IGNORE_INDEX, Renderer, Tokenized
 from sftkit.data.render_all import render_records
 from sftkit.data.templates import prepare_tokenizer
-from sftkit.loss import model_inputs, token_loss_sum
+from sftkit.loss import token_loss_sum
 from sftkit.model import build_tiny_model
 from tests.conftest import config_path, tokenizer_dir
 
@@ -112,8 +119,10 @@ def test_best_fit_decreasing_by_hand() -> None:
 
 def test_collate_documents_by_hand() -> None:
     a = Tokenized([11, 12, 13], [IGNORE_INDEX, 12, 13], "a")
-    b = Tokenized([21, 22], [21, 22], "b")  # strategy "all": b's first label must not be trained across a
+    b = Tokenized([21, 22], [IGNORE_INDEX, 22], "b")  # strategy "all", as rendered: the first token never trains
     c = Tokenized([31, 32, 33, 34], [IGNORE_INDEX, IGNORE_INDEX, 33, 34], "c")
+    with pytest.raises(ValueError, match="b: its first token is trained"):  # packing never relabels: it refuses
+        collate_documents([[a, Tokenized([21, 22], [21, 22], "b")]], pad_id=0)
     batch = collate_documents([[a, b], [c]], pad_id=0)
     assert batch["input_ids"].tolist() == [[11, 12, 13, 21, 22], [31, 32, 33, 34, 0]]
     assert batch["labels"].tolist() == [[-100, 12, 13, -100, 22], [-100, -100, 33, 34, -100]]

@@ -10,11 +10,18 @@ import pytest
 from transformers import AutoTokenizer
 
 from sftkit.cli import main
-from sftkit.data.clean import short_source
 from sftkit.data.formats import load_records
-from sftkit.data.quality import Offender, inspect_file, letters_by_script, percentiles, script_of, write_report
 from sftkit.data.render import Renderer
 from sftkit.data.render_all import render_records
+from sftkit.data.tools.clean import short_source
+from sftkit.data.tools.inspect import (
+    Offender,
+    inspect_file,
+    letters_by_script,
+    percentiles,
+    script_of,
+    write_report,
+)
 from tests.conftest import shared_file, tokenizer_dir
 from tests.test_clean import fixture_rows, plant, source, write
 

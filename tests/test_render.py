@@ -9,10 +9,16 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from sftkit.data.messages import Conversation, DataError, Message, RawText
+from sftkit.data.messages import (
+    Conversation,
+    DataError,
+    DataFileError,
+    Message,
+    RawText,
+)
 from sftkit.data.preview import coloured
 from sftkit.data.render import IGNORE_INDEX, DroppedExample, Renderer
-from sftkit.data.render_all import RenderError, render_records
+from sftkit.data.render_all import render_records
 from sftkit.data.templates import end_of_turn_token_ids, prepare_tokenizer
 from tests.conftest import tokenizer_dir
 
@@ -192,7 +198,8 @@ def test_last_and_all_strategies() -> None:
     last = render(tokenizer, [SYSTEM, *TURNS], strategy="last")
     assert [t for t in last.labels if t != IGNORE_INDEX] == [19, 151645]
     everything = render(tokenizer, [SYSTEM, *TURNS], strategy="all")
-    assert everything.labels == everything.input_ids
+    # every token is trained, but the first: nothing comes before it to predict it (so packing never trains across)
+    assert everything.labels == [IGNORE_INDEX, *everything.input_ids[1:]]
 
 
 def test_builtin_templates_on_gpt2_add_special_tokens() -> None:
@@ -245,7 +252,7 @@ def test_invalid_records_raise_listing_sources_or_are_skipped_and_counted() -> N
     prepare_tokenizer(tokenizer, "mistral")  # strict alternation
     bad = Conversation([Message("assistant", "first"), Message("assistant", "second")], "f.jsonl:7")
     good = Conversation(TURNS, "f.jsonl:8")
-    with pytest.raises(RenderError, match=r"1 invalid record\(s\)[\s\S]*f.jsonl:7"):
+    with pytest.raises(DataFileError, match=r"data: 1 invalid record in 2 rows[\s\S]*f.jsonl:7"):
         render_records([bad, good], Renderer(tokenizer))
     report = render_records([bad, good], Renderer(tokenizer), on_error="skip")
     assert len(report.examples) == 1 and report.skipped == {"chat template rejected the conversation": 1}
@@ -254,7 +261,7 @@ def test_invalid_records_raise_listing_sources_or_are_skipped_and_counted() -> N
 def test_raw_text_trains_every_token_and_ends_with_eos() -> None:
     tokenizer = load("qwen2.5")
     example = Renderer(tokenizer).render(RawText("Paris is the capital of France.", "corpus.jsonl:1"))
-    assert example.labels == example.input_ids
+    assert example.labels == [IGNORE_INDEX, *example.input_ids[1:]]  # all but the first, which nothing predicts
     assert example.input_ids[-1] == tokenizer.eos_token_id
     assert tokenizer.decode(example.input_ids) == "Paris is the capital of France.<|im_end|>"
 
@@ -320,7 +327,7 @@ def test_parallel_rendering_counts_dropped_and_invalid_records() -> None:
     """Errors cross the process boundary (a DataError that cannot be pickled used to hang the pool)."""
     import pickle
 
-    from sftkit.data.sources import DataFileError
+    from sftkit.data.messages import DataFileError
 
     err = DataError("f.jsonl:3", "empty reply: nothing to train", "messages[1].content", "fix it")
     again = pickle.loads(pickle.dumps(err))

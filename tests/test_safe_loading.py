@@ -18,16 +18,23 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from sftkit.checkpoint import UnsafePathError, checkpoint_dir, load_training_state, under
+from sftkit.checkpoint import (
+    UnsafePathError,
+    checkpoint_dir,
+    load_training_state,
+    save_tiny_model,
+    under,
+)
 from sftkit.cli import main
-from sftkit.config import ConfigError, ModelConfig, load_config
+from sftkit.config import ConfigError, ModelConfig
+from sftkit.recipe import load_config
 from sftkit.data.messages import Conversation, Message
 from sftkit.data.render import Renderer
 from sftkit.generate import encode_prompt
-from sftkit.model import ModelError, load_model, save_tiny_model
+from sftkit.model import ModelError, load_model
 from tests.conftest import config_path, tokenizer_dir
 
 CHAT = [{"role": "user", "content": "Say red."}, {"role": "assistant", "content": "red"}]
@@ -143,7 +150,7 @@ def test_a_run_writes_only_under_output_dir(tiny: Path, tmp_path: Path) -> None:
     written = {p for p in after if before.get(p) != after[p]}
     outside = {p for p in written if not p.is_relative_to(tmp_path / "out")}
     assert outside == set()
-    assert {"config.yaml", "metrics.jsonl", "loss.png", "checkpoints", "final", "tb"} <= {
+    assert {"sftkit_config.yaml", "metrics.jsonl", "loss.png", "checkpoints", "final", "tb"} <= {
         p.name for p in (tmp_path / "out" / "run").iterdir()}
 
 

@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sftkit.data.messages import DataError
-from sftkit.data.sources import DataFileError, LoadReport, read_rows
-
+from sftkit.data.formats import LoadReport
+from sftkit.data.messages import DataError, DataFileError, Problems
+from sftkit.data.sources import read_rows
 from tests.conftest import ASSETS
 
 DATA = ASSETS / "data"
@@ -158,14 +158,14 @@ def test_data_file_error_lists_errors_count_and_the_way_out() -> None:
         "a.jsonl: 2 invalid records in 12 rows:\n"
         "  a.jsonl:3: field 'messages[1].role': unknown role: 'bot'\n"
         "  a.jsonl:9: field 'messages[1].content': empty reply: the assistant message is empty\n"
-        "fix the records, or pass on_error=skip (CLI: --skip-invalid) to skip invalid records and count them"
+        "fix the records, or skip and count invalid ones: data.skip_invalid=true in a recipe, --skip-invalid on the command line"
     )
     stopped = DataFileError("a.jsonl", errors[:1], count=1, rows=3, stopped=True)
     assert str(stopped).splitlines()[0] == "a.jsonl: 1 invalid record in the first 3 rows (stopped at max_errors):"
 
 
 def test_load_report_summary() -> None:
-    report = LoadReport([], Counter({"unknown role": 2, "bad JSON": 1}), [], "messages", "x.jsonl",
-                        dropped=Counter({"trailing turn": 4}))
-    assert report.summary() == ("x.jsonl (messages): 0 records; skipped 2 unknown role, 1 bad JSON;"
-                                " dropped 4 trailing turn")
+    problems = Problems(skip=True, skipped=Counter({"unknown role": 2, "bad JSON": 1}))
+    report = LoadReport([], problems, "messages", "x.jsonl", dropped=Counter({"trailing turn": 4}))
+    assert report.summary() == ("x.jsonl (messages): 0 records; skipped invalid: 2 unknown role, 1 bad JSON;"
+                                " dropped: 4 trailing turn")

@@ -1,7 +1,7 @@
 """`sftkit train` end to end on a tiny Qwen2-shaped model, plus the loss normalisation it relies on.
 
 The end-to-end run goes through the real command (`sftkit.cli.main(["train", ...])`) and checks the
-files it leaves: metrics.jsonl, tb/, loss.png, config.yaml, and a final/ directory that plain
+files it leaves: metrics.jsonl, tb/, loss.png, sftkit_config.yaml, and a final/ directory that plain
 transformers loads and whose generation stops at `<|im_end|>`.
 """
 
@@ -16,15 +16,18 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from sftkit.checkpoint import save_tiny_model
 from sftkit.cli import main
-from sftkit.config import ModelConfig, TrainConfig, load_config
-from sftkit.data.dataset import collate, epoch_order, window
+from sftkit.config import ModelConfig, TrainConfig
+from sftkit.recipe import load_config
+from sftkit.data.batches import collate, epoch_order, window
 from sftkit.data.messages import Conversation, Message
 from sftkit.data.render import Renderer
 from sftkit.data.templates import prepare_tokenizer
 from sftkit.generate import generate_reply
-from sftkit.model import build_tiny_model, load_model, save_tiny_model
-from sftkit.train import backward_window, lr_factor, setup_optimizer, token_loss_sum
+from sftkit.loss import token_loss_sum
+from sftkit.model import build_tiny_model, load_model
+from sftkit.train import backward_window, setup_optimizer
 from tests.conftest import config_path, tokenizer_dir
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"},
@@ -72,7 +75,7 @@ def test_loss_falls(run: Path) -> None:
 def test_run_directory(run: Path) -> None:
     assert (run / "loss.png").stat().st_size > 1000
     assert any((run / "tb").glob("events.out.tfevents.*"))
-    config = load_config(run / "config.yaml")
+    config = load_config(run / "sftkit_config.yaml")
     assert config.train.seed == 1 and config.train.max_steps == 30  # overrides are resolved into it
     assert load_config(run / "final" / "sftkit_config.yaml") == config  # and travels with the model
     assert not list(run.glob("*.tmp"))
@@ -175,8 +178,14 @@ def test_no_weight_decay_on_biases_and_norms() -> None:
 
 
 def test_lr_schedule() -> None:
-    factors = [lr_factor(s, warmup=4, total=20) for s in range(20)]
-    assert factors[:4] == [0.25, 0.5, 0.75, 1.0] and factors[4] == 1.0
+    """transformers' linear warm-up from 0, then cosine decay to 0: the lr each of 20 optimizer steps uses."""
+    _, scheduler = setup_optimizer(torch.nn.Linear(2, 2), TrainConfig(lr=1.0, warmup_ratio=0.2), total_steps=20)
+    factors = []
+    for _ in range(20):
+        factors.append(scheduler.get_last_lr()[0])
+        scheduler.optimizer.step()
+        scheduler.step()
+    assert factors[:5] == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert all(a >= b for a, b in zip(factors[4:], factors[5:])) and 0 < factors[-1] < 0.01
 
 

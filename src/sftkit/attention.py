@@ -1,6 +1,14 @@
-"""Attention one document at a time for packed and padding-free rows: the cost of the documents only.
+"""Every input that keeps packed documents apart, and attention one document at a time.
 
-    sftkit train configs/tiny-cpu.yaml data.packing=true       # on CPU with model.attn_implementation=sdpa
+    sftkit train configs/tiny-cpu.yaml data.batching=packed     # on CPU with model.attn_implementation=sdpa
+
+`model_inputs` turns a batch into the decoder's keyword arguments: padded batches as they are;
+packed and padding-free rows (`document_ids` from `sftkit.data.batches.collate_documents`) with
+position_ids that restart per document and either document boundaries (`cu_seq_lens`, for
+`document_sdpa` below and flash-attention) or an explicit block-diagonal mask
+(`block_causal_mask`, for sdpa and eager). transformers detects packed rows from `position_ids`
+only when no attention mask is passed AND no cache exists; the model's default `use_cache=True`
+makes a cache and silently turns the detection off, so sftkit never relies on the detection.
 
 A block-diagonal mask over a packed row keeps documents apart, but sdpa still scores every
 query-key pair of the row and masks most of them: a padding-free row of eight 200-token documents
@@ -19,6 +27,7 @@ that uses sdpa to it, and `sftkit.loss.model_inputs` passes the boundaries as `c
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -26,6 +35,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from sftkit.config import ConfigError
 
 NAME = "sftkit_documents"
 
@@ -74,3 +85,66 @@ def use_document_attention(model: PreTrainedModel) -> bool:
 
 AttentionInterface.register(NAME, document_sdpa)
 AttentionMaskInterface.register(NAME, sdpa_mask)  # padded and generation masks: the same as sdpa's
+
+
+def model_inputs(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Keyword arguments for the decoder: padded batches as they are, packed ones kept apart.
+
+    Right-padded batches (sftkit's `collate`) need no padding mask: under causal attention no real
+    token sees a later pad, so sdpa runs its cheaper `is_causal` kernel. A batch with
+    `document_ids` (packed or padding-free, `sftkit.data.pack`) gets `position_ids` that restart
+    per document and one of: document boundaries for `document_sdpa` and flash-attention (the rows
+    flattened into one), or an explicit block-diagonal mask (boolean for sdpa, additive for eager).
+    The cache is always off: a cache disables transformers' own packed-sequence handling.
+    """
+    inputs: dict[str, Any] = {"input_ids": batch["input_ids"], "use_cache": False}
+    if "document_ids" not in batch:
+        mask = batch["attention_mask"]
+        if not bool((mask[:, :-1] >= mask[:, 1:]).all()):  # not right-padded: the mask is needed
+            inputs["attention_mask"] = mask
+        return inputs
+    attention = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    if attention == NAME or "flash" in attention:
+        bounds = [0, *itertools.accumulate(sequence_lengths(batch["document_ids"]))]
+        inputs.update(input_ids=batch["input_ids"].reshape(1, -1), position_ids=batch["position_ids"].reshape(1, -1))
+        if attention == NAME:  # a 4-D mask passes through transformers untouched; document_sdpa ignores it
+            placeholder = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=batch["input_ids"].device)
+            inputs.update(cu_seq_lens_q=bounds, attention_mask=placeholder)
+        else:
+            cumulative = torch.tensor(bounds, dtype=torch.int32, device=batch["input_ids"].device)
+            longest = max(b - a for a, b in zip(bounds, bounds[1:]))
+            inputs.update(cu_seq_lens_q=cumulative, cu_seq_lens_k=cumulative, max_length_q=longest,
+                          max_length_k=longest)
+        return inputs
+    if attention not in ("sdpa", "eager"):
+        raise ConfigError(f"model.attn_implementation: {attention!r} cannot keep packed documents apart; use sdpa, "
+                          "eager or flash_attention_2 with data.packing / data.padding_free")
+    dtype = model.dtype if attention == "eager" else None
+    inputs.update(position_ids=batch["position_ids"], attention_mask=block_causal_mask(batch["document_ids"], dtype))
+    return inputs
+
+
+def block_causal_mask(document_ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(batch, 1, length, length) mask: query i may attend to key j <= i of the same document.
+
+    Boolean (True = attend) for sdpa; with `dtype`, additive (0 or the dtype's minimum) for eager
+    attention, which adds the mask to the scores. Padding (-1) forms a document of its own, so
+    every row of the mask has at least one True and no softmax is empty (no NaN).
+    """
+    length = document_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=document_ids.device).tril()
+    mask = (document_ids[:, :, None] == document_ids[:, None, :]) & causal
+    mask = mask[:, None]
+    if dtype is None:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+
+
+def sequence_lengths(document_ids: torch.Tensor) -> list[int]:
+    """Lengths of the runs of equal document ids along the flattened rows (documents and padding)."""
+    flat = document_ids.flatten()
+    row_starts = torch.zeros_like(flat, dtype=torch.bool)
+    row_starts[:: document_ids.shape[1]] = True
+    starts = row_starts | torch.cat([flat.new_ones(1, dtype=torch.bool), flat[1:] != flat[:-1]])
+    bounds = torch.cat([starts.nonzero().flatten(), flat.new_tensor([flat.numel()])])
+    return bounds.diff().tolist()

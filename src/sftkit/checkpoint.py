@@ -1,4 +1,4 @@
-"""Atomic, verified checkpoints and the final model directory, with everything needed to resume exactly.
+"""Every model directory a run writes or reads back: step-N (one process or sharded), final/, best/, resume.
 
     sftkit train configs/tiny-cpu.yaml train.save_every=50     # writes output_dir/checkpoints/step-50/ ...
     sftkit train configs/tiny-cpu.yaml train.resume=true       # continues from the latest good one
@@ -8,43 +8,35 @@ Layout of one checkpoint:
     checkpoints/step-N/
       config.json, model*.safetensors, generation_config.json   # a plain HF model directory (or the adapter)
       tokenizer*.json, chat_template.jinja                        # tokenizer with its chat template
-      config.yaml                                                 # the resolved sftkit config
+      sftkit_config.yaml                                          # the resolved sftkit config
       optimizer.pt, scheduler.pt, rng.pt                          # optimizer/scheduler/torch (+CUDA) RNG state
       metrics.jsonl                                               # metrics logged up to step N
       trainer_state.json                                          # step, data position, python/numpy RNG, ...
       checkpoint.json                                             # manifest: step + sha256 of every file above
 
-Under torchrun (sftkit.distributed) the model and optimizer are `shards/` of torch.distributed.checkpoint
-instead of model*.safetensors and optimizer.pt, with one rng-rankR.pt per rank besides rank 0's rng.pt.
+Under torchrun (`sftkit.distributed`) one function still writes it, knowing which rank writes what:
+the model and optimizer are `shards/` of torch.distributed.checkpoint (every rank writes its own,
+keyed by the parameters' Hugging Face names; LoRA: the adapter only) instead of model*.safetensors
+and optimizer.pt, with one rng-rankR.pt per rank besides rank 0's rng.pt; rank 0 writes the rest.
+Shards resume on any number of ranks, one plain process included, and a one-process checkpoint
+resumes on many. `final/` and `best/` are plain Hugging Face directories (FSDP: gathered to rank 0
+a layer at a time, written there).
 
-How a checkpoint is written, so that a crash, a kill or a full disk never leaves a directory that
-resume would trust:
-
-    step-N.tmp/  <- every file written, fsynced and hashed; checkpoint.json written last
-    step-N.tmp/  -> step-N/   one rename, then the parent directory is fsynced
-    older step-*/ beyond train.keep_checkpoints are removed only after that
-
-On resume, `latest_checkpoint` takes the newest `step-N/` whose manifest is present and whose every
-file matches its sha256; a damaged one is skipped with a warning naming it, and the previous one is
-used. A write that fails (e.g. ENOSPC) removes its `.tmp` and raises `CheckpointWriteError`; the
-previous checkpoints are untouched. Every path written is checked to stay inside `output_dir`.
+Every directory is written to `NAME.tmp/`, fsynced, and renamed (`sftkit.durable`): a crash, a kill
+or a full disk never leaves one that resume would trust. On resume, `latest_checkpoint` takes the
+newest `step-N/` whose every file matches its manifest; a damaged one is skipped with a warning.
 Training state is loaded with `torch.load(weights_only=True)`: no pickle code runs on resume.
-
-`output_dir/final/` is the same HF directory without the training state.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import hashlib
 import json
 import os
 import random
 import re
 import shutil
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,40 +45,28 @@ import torch
 from safetensors import SafetensorError
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from sftkit.config import Config
+from sftkit.config import CONFIG_FILE, Config
+from sftkit.data.templates import pad_token_id
+from sftkit.distributed import LOCAL, Local, state_options
+from sftkit.durable import (
+    MANIFEST,
+    UnsafePathError,
+    atomic_dir,
+    under,
+    verify_checkpoint,
+)
 from sftkit.lora import save_options
+from sftkit.model import build_tiny_model, load_tokenizer
+from sftkit.runlog import METRICS_FILE
 
 STATE_FILE = "trainer_state.json"
-MANIFEST = "checkpoint.json"
-METRICS_FILE = "metrics.jsonl"
+SHARDS = "shards"  # torch.distributed.checkpoint directory inside checkpoints/step-N/
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _LEFTOVER = re.compile(r"^step-\d+\.(tmp|old)$")
-_CHUNK = 1 << 20
 
 
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written (disk full, unwritable, ...); the previous ones are intact."""
-
-
-class UnsafePathError(ValueError):
-    """A path that would be written outside `output_dir`."""
-
-
-# -- paths --------------------------------------------------------------------------------------
-def under(output_dir: str | Path, *parts: str) -> Path:
-    """`output_dir/parts...`, refusing absolute parts and `..` that would leave `output_dir`.
-
-    The check is on the normalised path, not the resolved one: a symlink the user placed inside
-    `output_dir` (e.g. checkpoints/ on another disk) is followed on purpose.
-    """
-    root = os.path.normpath(os.fspath(output_dir))
-    for part in parts:
-        if not part or os.path.isabs(part) or ".." in Path(part).parts or "\0" in part:
-            raise UnsafePathError(f"refusing to write {part!r}: it must be a relative path inside {root}")
-    path = os.path.normpath(os.path.join(root, *parts))
-    if os.path.commonpath([root, path]) != root:
-        raise UnsafePathError(f"refusing to write {path}: outside output_dir {root}")
-    return Path(path)
 
 
 def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
@@ -96,114 +76,6 @@ def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
     return under(output_dir, "checkpoints", f"step-{step}")
 
 
-# -- durable files ------------------------------------------------------------------------------
-def fsync_dir(directory: Path) -> None:
-    """Make a rename or a new entry in `directory` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError as err:
-        if err.errno not in (errno.EINVAL, errno.ENOTSUP):  # some filesystems cannot fsync a directory
-            raise
-    finally:
-        os.close(fd)
-
-
-def file_sha256(path: Path, sync: bool = False) -> str:
-    """The sha256 of `path`; with `sync`, the file is also fsynced to disk."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(_CHUNK), b""):
-            digest.update(block)
-        if sync:
-            os.fsync(handle.fileno())
-    return digest.hexdigest()
-
-
-def _files(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
-
-
-def write_manifest(directory: Path, info: dict[str, Any]) -> dict[str, Any]:
-    """fsync every file of `directory` and record its sha256 and size in `checkpoint.json` (written last)."""
-    files = {p.relative_to(directory).as_posix(): {"sha256": file_sha256(p, sync=True), "bytes": p.stat().st_size}
-             for p in _files(directory)}
-    manifest = {"format": 1, **info, "files": files}
-    path = directory / MANIFEST
-    path.write_text(json.dumps(manifest, indent=1))
-    file_sha256(path, sync=True)
-    for sub in sorted({p.parent for p in _files(directory)}, key=lambda p: -len(p.parts)):
-        fsync_dir(sub)
-    fsync_dir(directory)
-    return manifest
-
-
-def verify_checkpoint(directory: Path) -> str | None:
-    """None when `directory` is complete and every file matches its manifest; else what is wrong."""
-    try:
-        manifest = json.loads((directory / MANIFEST).read_text())
-    except FileNotFoundError:
-        return f"incomplete: no {MANIFEST}"
-    except (OSError, ValueError) as err:
-        return f"unreadable {MANIFEST}: {err}"
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(files, dict) or STATE_FILE not in files:
-        return f"unreadable {MANIFEST}: it lists no {STATE_FILE}"
-    match = _STEP_DIR.match(directory.name)
-    if match and manifest.get("step") != int(match.group(1)):
-        return f"{MANIFEST} says step {manifest.get('step')!r}, the directory is {directory.name}"
-    for name, entry in files.items():
-        path = directory / name
-        if not path.is_file():
-            return f"{name}: missing"
-        same_size = isinstance(entry, dict) and path.stat().st_size == entry.get("bytes")
-        if not same_size or file_sha256(path) != entry.get("sha256"):
-            return f"{name}: checksum mismatch (the file changed or is damaged)"
-    return None
-
-
-@contextlib.contextmanager
-def atomic_dir(target: Path, manifest: dict[str, Any] | None = None) -> Iterator[Path]:
-    """Yield `target.tmp` to write into; on success it replaces `target` in one rename.
-
-    Every file is fsynced first (and listed with its sha256 in `checkpoint.json` when `manifest`
-    is given). If the body or the sync fails, `target.tmp` is removed and `target` is untouched.
-    """
-    target = Path(target)
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        if manifest is not None:
-            write_manifest(tmp, manifest)
-        else:
-            for path in _files(tmp):
-                file_sha256(path, sync=True)
-            fsync_dir(tmp)
-        _swap_in(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _swap_in(tmp: Path, target: Path) -> None:
-    """Rename `tmp` to `target` (an existing `target` goes to `target.old` first) and fsync the parent."""
-    if target.exists():
-        old = target.with_name(target.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(tmp, target)
-        fsync_dir(target.parent)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, target)
-        fsync_dir(target.parent)
-
-
 # -- model directories --------------------------------------------------------------------------
 def save_hf_dir(
     directory: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, eos_ids: list[int],
@@ -211,27 +83,59 @@ def save_hf_dir(
 ) -> None:
     """Model (safetensors) + tokenizer with its chat template; generation stops at end of turn.
 
-    `state_dict`: the weights to write instead of the model's own (FSDP's, gathered by sftkit.distributed)."""
+    `state_dict`: the weights to write instead of the model's own (FSDP's, gathered by `_gathered`)."""
     generation = model.generation_config
     existing = generation.eos_token_id
     existing = [] if existing is None else [existing] if isinstance(existing, int) else list(existing)
     generation.eos_token_id = list(dict.fromkeys(existing + list(eos_ids)))
     if generation.pad_token_id is None:
-        generation.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+        generation.pad_token_id = pad_token_id(tokenizer, eos_ids)
     model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict, **save_options(model))
     generation.save_pretrained(directory)  # a PEFT adapter's save_pretrained leaves it out
     tokenizer.save_pretrained(directory)
 
 
-def save_final(
-    output_dir: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, eos_ids: list[int], config: Config,
-    state_dict: dict[str, torch.Tensor] | None = None,
-) -> Path:
-    """`output_dir/final/`: a plain Hugging Face directory, written atomically (`state_dict`: see save_hf_dir)."""
-    target = under(output_dir, "final")
-    with atomic_dir(target) as tmp:
-        save_hf_dir(tmp, model, tokenizer, eos_ids, state_dict)
-        config.dump(tmp / "sftkit_config.yaml")
+def save_tiny_model(config_json: str | Path, tokenizer_dir: str | Path, out_dir: str | Path, **shrink: Any) -> Path:
+    """A tiny random model of a real architecture (`sftkit.model.build_tiny_model`) + the tokenizer, as a local
+    HF directory `sftkit train` can load (`sftkit model tiny`)."""
+    tokenizer = load_tokenizer(tokenizer_dir)
+    model = build_tiny_model(config_json, tokenizer, **shrink)
+    out = Path(out_dir)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return out
+
+
+def _gathered(model: torch.nn.Module, dist: Local) -> dict[str, torch.Tensor] | None:
+    """Under FSDP the whole model's weights, gathered to rank 0's CPU a layer at a time (a collective:
+    every rank calls it); else None (the model's own weights are written)."""
+    if not dist.launched or dist.strategy != "fsdp":
+        return None
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    full = get_model_state_dict(model, options=state_options(full_state_dict=True, cpu_offload=True))
+    if not hasattr(model, "get_base_model"):  # a tied head is saved once, as HF does (PEFT picks its own keys)
+        every = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+        for tied in every - {name for name, _ in model.named_parameters()}:
+            full.pop(tied, None)
+    return full
+
+
+def save_model(output_dir: str | Path, name: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+               eos_ids: list[int], config: Config, dist: Local = LOCAL,
+               extra: dict[str, Any] | None = None) -> Path:
+    """`output_dir/NAME/` (final/, best/): a plain Hugging Face directory with the resolved config and the
+    `extra` JSON files given, written atomically by rank 0 while the other ranks wait."""
+    target = under(output_dir, name)
+    state_dict = _gathered(model, dist)
+    if dist.is_main:
+        with atomic_dir(target) as tmp:
+            save_hf_dir(tmp, model, tokenizer, eos_ids, state_dict)
+            config.dump(tmp / CONFIG_FILE)
+            for file, content in (extra or {}).items():
+                (tmp / file).write_text(json.dumps(content))
+    dist.barrier()
     return target
 
 
@@ -240,10 +144,7 @@ def rng_state() -> tuple[dict[str, Any], dict[str, Any]]:
     """(JSON-able python/numpy RNG state, torch CPU and CUDA RNG tensors)."""
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    plain = {
-        "python": [version, list(internal), gauss],
-        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
-    }
+    plain = {"python": [version, list(internal), gauss], "numpy": [kind, keys.tolist(), pos, has_gauss, cached]}
     tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         tensors["cuda"] = torch.cuda.get_rng_state_all()
@@ -267,7 +168,7 @@ def write_training_state(
 ) -> None:
     """optimizer.pt, scheduler.pt, rng.pt, metrics.jsonl (up to this step) and trainer_state.json.
 
-    `optimizer` None: its state is elsewhere (the shards of sftkit.distributed)."""
+    `optimizer` None: its state is in the shards."""
     if optimizer is not None:
         torch.save(optimizer.state_dict(), directory / "optimizer.pt")
     torch.save(scheduler.state_dict(), directory / "scheduler.pt")
@@ -279,35 +180,54 @@ def write_training_state(
     (directory / STATE_FILE).write_text(json.dumps({**state, "rng": plain_rng}, indent=1))
 
 
+def _write_shards(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> None:
+    """Every rank's shards of the model and optimizer (a collective), and its RNG state beside rank 0's."""
+    from torch.distributed.checkpoint import save
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer, options=state_options())
+    save({"model": model_state, "optimizer": optim_state}, checkpoint_id=directory / SHARDS)
+    if rank:  # rank 0's goes to rng.pt with the rest of the training state
+        torch.save(rng_state()[1], directory / f"rng-rank{rank}.pt")
+
+
 def save_checkpoint(
-    output_dir: Path,
-    *,
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    config: Config,
-    eos_ids: list[int],
-    state: dict[str, Any],
-    metrics_file: Path,
-    keep: int | None = None,
+    output_dir: Path, *, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, optimizer: torch.optim.Optimizer,
+    scheduler: Any, config: Config, eos_ids: list[int], state: dict[str, Any], metrics_file: Path,
+    keep: int | None = None, dist: Local = LOCAL,
 ) -> Path:
     """`output_dir/checkpoints/step-N/` for `state["step"] == N`, written atomically and verified on resume.
 
-    `keep`: how many checkpoints to keep (the newest); older ones are removed after this one is in
-    place. Raises `CheckpointWriteError` when it cannot be written; nothing of it is left behind.
+    One process: the HF directory plus the training state. Under torchrun rank 0 makes `step-N.tmp/`,
+    every rank writes its shards into it, rank 0 adds tokenizer, config, training state and manifest and
+    renames it; every rank returns after that. `keep`: how many checkpoints to keep (the newest); older
+    ones are removed once this one is in place. Raises `CheckpointWriteError` when it cannot be written;
+    nothing of it is left behind.
     """
     step = state["step"]
     target = checkpoint_dir(output_dir, step)
+    sharded = dist.launched
+    if not dist.is_main:
+        dist.barrier()  # step-N.tmp/ exists
+        _write_shards(target.with_name(target.name + ".tmp"), model, optimizer, dist.rank)
+        dist.barrier()  # step-N/ is in place
+        return target
     previous = newest_step_dir(output_dir)
+    manifest = {"step": step, "world_size": dist.world} if sharded else {"step": step}
     try:
-        with atomic_dir(target, manifest={"step": step}) as tmp:
-            save_hf_dir(tmp, model, tokenizer, eos_ids)
-            config.dump(tmp / "config.yaml")
-            write_training_state(tmp, optimizer, scheduler, state, metrics_file)
+        with atomic_dir(target, manifest=manifest) as tmp:
+            if sharded:
+                dist.barrier()
+                _write_shards(tmp, model, optimizer, dist.rank)
+                tokenizer.save_pretrained(tmp)
+            else:
+                save_hf_dir(tmp, model, tokenizer, eos_ids)
+            config.dump(tmp / CONFIG_FILE)
+            write_training_state(tmp, None if sharded else optimizer, scheduler, state, metrics_file)
     except (OSError, RuntimeError, SafetensorError) as err:
         raise write_error(target, err, previous, output_dir) from err
     prune_checkpoints(output_dir, keep)
+    dist.barrier()
     return target
 
 
@@ -318,7 +238,7 @@ def write_error(target: Path, err: BaseException, previous: Path | None, output_
     reason = "the disk is full" if full else f"{type(err).__name__}: {err}"
     kept = f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint"
     advice = "free some disk space or lower train.keep_checkpoints" if full else "check output_dir"
-    resume = f"sftkit train {Path(output_dir) / 'config.yaml'} train.resume=true"
+    resume = f"sftkit train {Path(output_dir) / CONFIG_FILE} train.resume=true"
     return CheckpointWriteError(
         code or errno.EIO,
         f"could not write checkpoint {target} ({reason}); its partial files were removed and {kept} — "
@@ -339,19 +259,22 @@ def newest_step_dir(output_dir: Path) -> Path | None:
     return next((p for _, p in _step_dirs(output_dir) if (p / MANIFEST).is_file()), None)
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    """The newest complete `checkpoints/step-N/` whose files all match its manifest.
+def latest_checkpoint(output_dir: Path, dist: Local = LOCAL) -> Path | None:
+    """The newest complete `checkpoints/step-N/` whose files all match its manifest (rank 0 checks, once).
 
     `.tmp` leftovers and directories without a manifest are never taken; a damaged checkpoint is
     skipped with a warning that names it, and the one before it is used.
     """
-    for _, path in _step_dirs(output_dir):
-        problem = verify_checkpoint(path)
-        if problem is None:
-            return path
-        if not problem.startswith("incomplete"):
-            print(f"warning: skipping damaged checkpoint {path}: {problem}", file=sys.stderr, flush=True)
-    return None
+    found = None
+    if dist.is_main:
+        for _, path in _step_dirs(output_dir):
+            problem = verify_checkpoint(path, STATE_FILE)
+            if problem is None:
+                found = path
+                break
+            if not problem.startswith("incomplete"):
+                print(f"warning: skipping damaged checkpoint {path}: {problem}", file=sys.stderr, flush=True)
+    return dist.broadcast(found)
 
 
 def prune_checkpoints(output_dir: Path, keep: int | None) -> list[Path]:
@@ -367,6 +290,12 @@ def prune_checkpoints(output_dir: Path, keep: int | None) -> list[Path]:
 
 
 # -- resume -------------------------------------------------------------------------------------
+def weights_from(checkpoint: Path | None) -> Path | None:
+    """Where the model loads its weights from when resuming: the checkpoint's HF directory, or (sharded
+    checkpoints) model.path, whose weights `load_training_state` then replaces with the shards."""
+    return None if checkpoint is None or (checkpoint / SHARDS).is_dir() else checkpoint
+
+
 def metrics_upto(metrics_file: Path, step: int) -> list[dict[str, Any]]:
     """Rows of `metrics_file` logged at steps <= `step` (a torn last line is dropped)."""
     rows = []
@@ -394,16 +323,48 @@ def restore_metrics(checkpoint: Path, metrics_file: Path, step: int) -> int:
     return len(rows)
 
 
-def load_training_state(
-    checkpoint: Path, optimizer: torch.optim.Optimizer, scheduler: Any, metrics_file: Path
-) -> dict[str, Any]:
-    """Restore optimizer, scheduler, RNG and metrics.jsonl from `checkpoint`; return its trainer state.
+def load_training_state(checkpoint: Path, optimizer: torch.optim.Optimizer, scheduler: Any, metrics_file: Path,
+                        model: torch.nn.Module | None = None, dist: Local = LOCAL) -> dict[str, Any]:
+    """Optimizer, scheduler, RNG and metrics (and, from shards, the weights) of `checkpoint`; its state.
 
-    The model weights are loaded by `sftkit.model.load_model(path=checkpoint)` before this.
-    """
-    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
+    Any checkpoint on any number of ranks: shards are resharded to this run's layout; a one-process
+    checkpoint's optimizer.pt is spread over the ranks (its weights were loaded with the model, from
+    `weights_from`)."""
+    sharded = (checkpoint / SHARDS).is_dir()
+    if sharded or dist.launched:
+        _load_distributed(checkpoint, model, optimizer, sharded)
+    else:
+        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
     state = json.loads((checkpoint / STATE_FILE).read_text())
-    set_rng_state(state.pop("rng"), torch.load(checkpoint / "rng.pt", weights_only=True))
-    restore_metrics(checkpoint, metrics_file, state["step"])
+    own = checkpoint / f"rng-rank{dist.rank}.pt"  # another rank count: rank 0's state
+    rng = torch.load(own if dist.rank and own.is_file() else checkpoint / "rng.pt", weights_only=True)
+    set_rng_state(state.pop("rng"), rng)
+    if dist.is_main:
+        restore_metrics(checkpoint, metrics_file, state["step"])
     return state
+
+
+def _load_distributed(checkpoint: Path, model: torch.nn.Module | None, optimizer: torch.optim.Optimizer,
+                      sharded: bool) -> None:
+    from torch.distributed.checkpoint import load
+    from torch.distributed.checkpoint.state_dict import (
+        get_state_dict,
+        set_optimizer_state_dict,
+        set_state_dict,
+    )
+
+    assert model is not None, "a sharded or multi-rank resume needs the model"
+    if sharded:
+        model_state, optim_state = get_state_dict(model, optimizer, options=state_options())
+        shards = {"model": model_state, "optimizer": optim_state}
+        load(shards, checkpoint_id=checkpoint / SHARDS)  # resharded to this run's ranks and layout
+        set_state_dict(model, optimizer, model_state_dict=shards["model"], optim_state_dict=shards["optimizer"],
+                       options=state_options(strict=False))  # strict would want the frozen base too (LoRA)
+        return
+    saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)  # numbered in the optimizer's order
+    names = {id(p): name for name, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    named = {"state": {order[i]: value for i, value in saved["state"].items()},
+             "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in saved["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, named, options=state_options(full_state_dict=True))

@@ -12,8 +12,9 @@
     sftkit model tiny --config ARCH.json --tokenizer DIR --out DIR
     sftkit diff BASE TUNED [--png FILE] [--threshold 0.01] [--per-tensor] [--json FILE]
     sftkit compare BASE TUNED --prompts FILE [--out FILE.md] [--max-new-tokens N]
-    sftkit demo [--out DIR] [--base DIR] [--epochs N] [--lr LR]
-    sftkit demo --evidence [--base DIR]            # = make evidence: reports/evidence.md
+
+Commands from other packages join through the `sftkit.commands` entry point: `sftkit demo` is
+the demo's (demo/sftkit_demo), installed with sftkit by `make setup`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from importlib.metadata import entry_points
+
+from sftkit.config import DTYPES, STRATEGIES
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -35,14 +39,20 @@ def _columns(text: str) -> dict[str, str]:
 
 
 def _add_data_preview(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("preview", help="show trained vs masked tokens, or print them as JSON")
-    p.add_argument("--tokenizer", required=True, help="local tokenizer (or model) directory")
-    p.add_argument("--data", required=True, nargs="+", help="JSON / JSONL / Parquet file(s)")
+    p = sub.add_parser("preview", help="show trained vs masked tokens, or print them as JSON",
+                       description="Either a training recipe (exactly what `sftkit train RECIPE` trains) or "
+                                   "--tokenizer and --data for a quick look.")
+    p.add_argument("config", nargs="?", metavar="RECIPE.yaml", help="a training recipe: its model's tokenizer, "
+                   "template, template_kwargs, strategy, max_length, batching and data")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, as for sftkit train")
+    p.add_argument("--split", default="train", choices=["train", "eval"], help="which split to show (default train)")
+    p.add_argument("--tokenizer", help="local tokenizer (or model) directory (without a recipe)")
+    p.add_argument("--data", nargs="+", help="JSON / JSONL / Parquet file(s) (without a recipe)")
     p.add_argument("--format", default="auto", help="auto, messages, alpaca, prompt_completion, sharegpt, text, ...")
     p.add_argument("--columns", type=_columns, help="column mapping, e.g. instruction=instruction,output=response")
     p.add_argument("--template", help="built-in chat template (chatml, llama3, mistral) or a .jinja file")
-    p.add_argument("--strategy", default="assistant", choices=["assistant", "last", "all"])
-    p.add_argument("--max-length", type=int)
+    p.add_argument("--strategy", default="assistant", choices=list(STRATEGIES))
+    p.add_argument("--max-length", type=int, default=2048, help="longest example in tokens (default 2048)")
     p.add_argument("--json", action="store_true", help="one {input_ids, labels} object per example, input order")
     p.add_argument("--pack", action="store_true",
                    help="show packed rows (best-fit decreasing to --max-length); --json adds position_ids")
@@ -56,44 +66,31 @@ def _add_data_preview(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_data_preview(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
-
-    from sftkit.data.pipeline import build_examples
-    from sftkit.config import ConfigError
-    from sftkit.data.pack import packed_rows
-    from sftkit.data.preview import print_example, write_json
+    from sftkit.config import ConfigError, DataConfig
+    from sftkit.recipe import load_config
+    from sftkit.data.preview import preview
     from sftkit.data.templates import prepare_tokenizer
+    from sftkit.model import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
-    added = prepare_tokenizer(tokenizer, args.template)
-    report = build_examples(
-        args.data,
-        tokenizer,
-        format=args.format,
-        columns=args.columns,
-        strategy=args.strategy,
-        max_length=args.max_length,
-        skip_invalid=args.skip_invalid,
-        num_proc=args.num_proc,
-        fast_bpe=not args.no_fast_bpe,
-    )
-    assert report.render is not None
-    if args.pack:
-        if not args.max_length:
-            raise ConfigError("--pack: needs --max-length (the length of a packed row)")
-        examples, positions = packed_rows(report.render.examples, args.max_length)
+    seed = 0
+    if args.config:
+        if args.tokenizer or args.data:
+            raise ConfigError("data preview: give a recipe, or --tokenizer and --data, not both")
+        config = load_config(args.config, args.overrides)
+        data, tokenizer_path, seed = config.data, config.model.path, config.train.seed
     else:
-        examples, positions = report.render.examples, [None] * len(report.render.examples)
-    if args.json:
-        for example, position_ids in zip(examples, positions):
-            write_json(example, sys.stdout, position_ids=position_ids)
-    else:
-        colour = sys.stdout.isatty() and not args.no_colour
-        for example in examples[: args.limit]:
-            print_example(example, tokenizer, sys.stdout, colour)
-        if added:
-            print(f"template added {len(added)} special tokens: {' '.join(added)}")
-    print(report.summary(), file=sys.stderr if args.json else sys.stdout)
+        if not (args.tokenizer and args.data):
+            raise ConfigError("data preview: give a training recipe (RECIPE.yaml), or --tokenizer DIR and --data FILE")
+        data = DataConfig(train=args.data, format=args.format, columns=args.columns, template=args.template,
+                          strategy=args.strategy, max_length=args.max_length, skip_invalid=args.skip_invalid,
+                          fast_bpe=not args.no_fast_bpe, num_proc=args.num_proc,
+                          batching="packed" if args.pack else "padded")
+        tokenizer_path = args.tokenizer
+    tokenizer = load_tokenizer(tokenizer_path)
+    added = prepare_tokenizer(tokenizer, data.template)
+    info = sys.stderr if args.json else sys.stdout
+    preview(data, tokenizer, seed=seed, split=args.split, as_json=args.json, limit=args.limit,
+            colour=sys.stdout.isatty() and not args.no_colour, added=added, out=sys.stdout, info=info)
     return 0
 
 
@@ -103,7 +100,7 @@ def _add_data_inspect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", help="local tokenizer directory: token figures with its chat template")
     p.add_argument("--template", help="built-in chat template (chatml, llama3, mistral) or a .jinja file")
     p.add_argument("--max-length", type=int, default=2048, help="training's max_length (default 2048)")
-    p.add_argument("--strategy", default="assistant", choices=["assistant", "last", "all"])
+    p.add_argument("--strategy", default="assistant", choices=list(STRATEGIES))
     p.add_argument("--format", default="auto", help="auto, messages, alpaca, prompt_completion, sharegpt, text, ...")
     p.add_argument("--columns", type=_columns, help="column mapping, e.g. instruction=instruction,output=response")
     p.add_argument("--near-dup-threshold", type=float, default=0.85, help="Jaccard of word 3-grams (default 0.85)")
@@ -114,7 +111,7 @@ def _add_data_inspect(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_data_inspect(args: argparse.Namespace) -> int:
-    from sftkit.data.quality import inspect_file, write_report
+    from sftkit.data.tools.inspect import inspect_file, write_report
 
     report = inspect_file(
         args.file,
@@ -154,7 +151,7 @@ def _add_data_clean(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_data_clean(args: argparse.Namespace) -> int:
-    from sftkit.data.clean import CleanOptions, clean_file, write_clean_report
+    from sftkit.data.tools.clean import CleanOptions, clean_file, write_clean_report
 
     options = CleanOptions(
         dedupe=args.dedupe,
@@ -182,9 +179,9 @@ def _data_tokenizer(path: str | None, template: str | None):  # -> PreTrainedTok
         if template:
             raise TemplateError("--template needs --tokenizer")
         return None
-    from transformers import AutoTokenizer
+    from sftkit.model import load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tokenizer = load_tokenizer(path)
     prepare_tokenizer(tokenizer, template)
     return tokenizer
 
@@ -199,7 +196,7 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from sftkit.config import load_config
+    from sftkit.recipe import load_config
     from sftkit.train import train
 
     if args.nproc is not None:  # `torchrun --standalone --nproc_per_node=N -m sftkit train CONFIG ...`
@@ -242,7 +239,7 @@ def _add_export(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="new directory to write")
     p.add_argument("--merge", action="store_true", help="fold the adapter into the base: loads without PEFT")
     p.add_argument("--base", help="base model directory (default: base_model_name_or_path of adapter_config.json)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    p.add_argument("--dtype", default="auto", choices=list(DTYPES),
                    help="dtype of the merged weights (default: the base's own)")
     p.set_defaults(func=_run_export)
 
@@ -266,7 +263,7 @@ def _add_model_tiny(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_model_tiny(args: argparse.Namespace) -> int:
-    from sftkit.model import save_tiny_model
+    from sftkit.checkpoint import save_tiny_model
 
     print(save_tiny_model(args.config, args.tokenizer, args.out, layers=args.layers, hidden=args.hidden))
     return 0
@@ -295,7 +292,7 @@ def _add_evidence(commands: argparse._SubParsersAction) -> None:
 def _run_diff(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from sftkit.evidence.diff import weight_diff
+    from sftkit.evaluate.diff import weight_diff
 
     report = weight_diff(args.base, args.tuned, threshold=args.threshold)
     print(report.table(per_tensor=args.per_tensor))
@@ -308,7 +305,7 @@ def _run_diff(args: argparse.Namespace) -> int:
 def _run_compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from sftkit.evidence.compare import compare, markdown, read_prompts, table
+    from sftkit.evaluate.compare import compare, markdown, read_prompts, table
 
     rows = compare(args.base, args.tuned, read_prompts(args.prompts), max_new_tokens=args.max_new_tokens,
                    device=args.device)
@@ -316,29 +313,6 @@ def _run_compare(args: argparse.Namespace) -> int:
     out = Path(args.out or Path(args.tuned) / "compare.md")
     out.write_text(markdown(rows, args.base, args.tuned))
     print(f"markdown: {out}")
-    return 0
-
-
-def _add_demo(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser("demo", help="base model vs SFT on held-out facts, offline on a CPU (make demo)")
-    p.add_argument("--out", default="runs/demo", help="directory for the fine-tuned model and report.md")
-    p.add_argument("--base", help="pre-trained base model (default: the repository's demo/base-model)")
-    p.add_argument("--epochs", type=int, default=3, help="SFT epochs (default 3)")
-    p.add_argument("--lr", type=float, default=1e-4, help="SFT peak learning rate (default 1e-4)")
-    p.add_argument("--evidence", action="store_true",
-                   help="instead: the claims about SFT as controlled runs -> reports/evidence.md (make evidence)")
-    p.set_defaults(func=_run_demo)
-
-
-def _run_demo(args: argparse.Namespace) -> int:
-    from sftkit.demo.run import DEFAULT_BASE, DemoOptions, run_demo
-
-    if args.evidence:
-        from sftkit.demo.evidence import main as evidence
-
-        return evidence(["--base", str(args.base or DEFAULT_BASE)])
-
-    run_demo(DemoOptions(out=args.out, base=args.base or DEFAULT_BASE, epochs=args.epochs, lr=args.lr))
     return 0
 
 
@@ -354,22 +328,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(commands)
     _add_model_tiny(commands)
     _add_evidence(commands)
-    _add_demo(commands)
+    for plugin in entry_points(group="sftkit.commands"):  # e.g. `sftkit demo`, from demo/ (never imported here)
+        plugin.load()(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; user errors print one clear message and exit 2, never a bare traceback."""
-    from sftkit.errors import USER_ERRORS
-
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except USER_ERRORS as err:
-        print(f"{_rank()}sftkit: error: {err}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # `sftkit data preview --json | head`
         return 0
+    except Exception as err:
+        from sftkit.errors import user_errors
+
+        if not isinstance(err, user_errors()):
+            raise
+        print(f"{_rank()}sftkit: error: {err}", file=sys.stderr)
+        return 2
 
 
 def _rank() -> str:

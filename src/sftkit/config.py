@@ -1,49 +1,35 @@
-"""Typed run configuration: YAML recipe + dotted `key=value` overrides, validated, dumped beside the run.
+"""The run configuration: typed sections, a docstring under every key, and every static cross-field check.
 
-    sftkit train configs/tiny-cpu.yaml train.lr=1e-5 data.max_length=1024 data.train='[a.jsonl, b.jsonl]'
-    sftkit config keys [SECTION]        # every key with its type, default and description
+    sftkit train configs/tiny-cpu.yaml train.lr=1e-5 data.max_length=1024     # read by sftkit.recipe
+    sftkit config keys [SECTION]        # every key below with its type, default and docstring
 
-Every value on the command line is parsed with `yaml.safe_load`, so `true`, `1e-5`, `null` and
-`[a, b]` mean what they look like. Types are checked by pydantic against the dataclasses below
-(a docstring under every field is its documentation); cross-field rules are each section's
-`__post_init__`. Every problem is a `ConfigError` naming the dotted key
-(`train.learning_rate: unknown key — did you mean 'train.lr'?`). The resolved config is written
-to `output_dir/config.yaml` and loads again with `load_config`.
+Each section checks its own values and the rules between them in `__post_init__`, whether it is
+built from a YAML recipe (`sftkit.recipe.load_config`, which also checks types and unknown keys) or
+directly in Python; every problem is a `ConfigError` naming the dotted key. The resolved config is
+written as `sftkit_config.yaml` into the run directory and beside every model a run writes.
 
 This module imports nothing of sftkit: every other module may import it.
 """
 
 from __future__ import annotations
 
-import difflib
 import math
-from dataclasses import MISSING, asdict, dataclass, field, fields
-from functools import cache
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-import types
-from typing import Any, ClassVar, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Literal, get_args, get_origin, get_type_hints
 
 import yaml
-from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Strategy = Literal["assistant", "last", "all"]
 Batching = Literal["padded", "grouped", "padding_free", "packed"]
+CONFIG_FILE = "sftkit_config.yaml"  # the resolved config, in every run directory and beside every model written
 DTYPES: tuple[str, ...] = get_args(DType)
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 BATCHING: tuple[str, ...] = get_args(Batching)
 
-# Names other trainers use, so an unknown key can still get a did-you-mean.
-ALIASES = {
-    "learning_rate": "lr", "num_epochs": "epochs", "num_train_epochs": "epochs",
-    "gradient_accumulation_steps": "grad_accum", "per_device_train_batch_size": "batch_size",
-    "micro_batch_size": "batch_size", "seq_len": "max_length", "max_seq_length": "max_length",
-    "torch_dtype": "dtype", "precision": "dtype", "model_name_or_path": "path", "dataset": "train",
-    "lora_r": "r", "rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "use_dora": "dora",
-}
-# Shorthands kept from the first recipes: `data.packing: true` is `data.batching: packed`.
-SHORTHANDS = {"packing": "packed", "padding_free": "padding_free", "group_by_length": "grouped"}
-_SCHEMA = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+# Read by pydantic (sftkit.recipe): no unknown keys; the docstring under a field is its description.
+_SCHEMA = {"extra": "forbid", "use_attribute_docstrings": True}
 
 
 class ConfigError(ValueError):
@@ -52,6 +38,18 @@ class ConfigError(ValueError):
 
 def _fail(key: str, problem: str) -> None:
     raise ConfigError(f"{key}: {problem}")
+
+
+def _check_choices(section: Any) -> None:
+    """Every Literal-typed key of `section` holds one of its choices (also when built directly, not from YAML)."""
+    for name, hint in get_type_hints(type(section)).items():
+        args = get_args(hint)
+        literal = hint if get_origin(hint) is Literal else next((a for a in args if get_origin(a) is Literal), None)
+        value = getattr(section, name)
+        if literal is None or value in get_args(literal) or (value is None and type(None) in args):
+            continue
+        options = ("null, " if type(None) in args else "") + ", ".join(get_args(literal))
+        _fail(f"{section.section}.{name}", f"{value!r} is not one of {options}")
 
 
 @dataclass(frozen=True)
@@ -99,6 +97,7 @@ class ModelConfig:
     """Attention kernel passed to transformers: sdpa | eager | flash_attention_2 | ..."""
 
     def __post_init__(self) -> None:
+        _check_choices(self)
         if not self.path:
             _fail("model.path", "required: a local directory with config.json, weights and a tokenizer")
         if not self.attn_implementation:
@@ -147,6 +146,7 @@ class DataConfig:
     """Processes that render the data (tokenization is most of the preparation)."""
 
     def __post_init__(self) -> None:
+        _check_choices(self)
         if isinstance(self.train, str):
             self.train = [self.train]
         if not self.train:
@@ -171,9 +171,9 @@ class DataConfig:
             if set(entry) - {"path", "weight", "samples"} or not isinstance(entry.get("path"), str):
                 _fail(f"data.train[{i}]", f"expected a path or {{path, weight}} / {{path, samples}}, got {entry!r}")
             try:
-                out.append(_validate(Source, entry, f"data.train[{i}]"))
-            except ConfigError as err:
-                raise ConfigError(str(err).replace(f"data.train[{i}]: Value error, ", f"data.train[{i}]: ")) from None
+                out.append(Source(**entry))
+            except (TypeError, ValueError) as err:
+                _fail(f"data.train[{i}]", str(err))
         return out
 
     @property
@@ -251,6 +251,7 @@ class TrainConfig:
     """With strategy=fsdp on GPUs: keep the sharded weights, gradients and optimizer state in CPU memory."""
 
     def __post_init__(self) -> None:
+        _check_choices(self)
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
                     "log_every": self.log_every, "sample_max_new_tokens": self.sample_max_new_tokens}
         for name, value in positive.items():
@@ -320,6 +321,7 @@ class LoraConfig:
     """null, or nf4 for QLoRA: the frozen base in 4-bit NormalFloat (needs a CUDA GPU and bitsandbytes)."""
 
     def __post_init__(self) -> None:
+        _check_choices(self)
         if self.r < 1:
             _fail("lora.r", f"{self.r} must be at least 1")
         if not (self.alpha > 0 and math.isfinite(self.alpha)):
@@ -369,7 +371,7 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "runs/sft"
-    """Run directory: config.yaml, metrics.jsonl, tb/, loss.png, checkpoints/, final/."""
+    """Run directory: sftkit_config.yaml, metrics.jsonl, tb/, loss.png, checkpoints/, final/."""
 
     def __post_init__(self) -> None:
         tc = self.train
@@ -381,167 +383,8 @@ class Config:
         return asdict(self)
 
     def dump(self, path: str | Path) -> Path:
-        """Write the resolved config as YAML (loadable again with `load_config`)."""
+        """Write the resolved config as YAML (loadable again with `sftkit.recipe.load_config`)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True))
         return path
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> Config:
-        """Build and validate a config from nested dicts (as read from YAML)."""
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config: expected a mapping of sections, got {type(raw).__name__}")
-        raw = dict(raw)
-        if "model" not in raw:
-            _fail("model.path", "required: a local directory with config.json, weights and a tokenizer")
-        if "data" not in raw:
-            _fail("data.train", "required: a path or a list of paths")
-        if isinstance(raw.get("data"), dict):
-            raw["data"] = _expand_shorthands(raw["data"])
-        return _validate(cls, raw, "")
-
-
-def _expand_shorthands(data: dict[str, Any]) -> dict[str, Any]:
-    """`packing: true` -> `batching: packed` (and padding_free, group_by_length); false is the default."""
-    data = dict(data)
-    chosen = [key for key in SHORTHANDS if data.get(key)]
-    if len(chosen) > 1 or (chosen and data.get("batching", "padded") != SHORTHANDS[chosen[0]] and "batching" in data):
-        named = [f"data.{k}" for k in chosen] + (["data.batching"] if "batching" in data else [])
-        _fail(f"data.{chosen[-1]}", f"choose one way of batching (got {' and '.join(named)}); "
-                                    f"data.batching is one of {', '.join(BATCHING)}")
-    for key in SHORTHANDS:
-        value = data.pop(key, None)
-        if value not in (None, True, False):
-            _fail(f"data.{key}", f"expected true or false, got {value!r}")
-        if value:
-            data["batching"] = SHORTHANDS[key]
-    return data
-
-
-@cache
-def _adapter(cls: type) -> TypeAdapter:
-    return TypeAdapter(cls)
-
-
-def _validate(cls: type, raw: dict[str, Any], prefix: str) -> Any:
-    """`cls` built from `raw` by pydantic; its first error as a `ConfigError` naming the dotted key."""
-    try:
-        return _adapter(cls).validate_python(raw)
-    except ValidationError as err:
-        raise _config_error(err.errors()[0], prefix) from None
-
-
-def _config_error(error: dict[str, Any], prefix: str) -> ConfigError:
-    """One pydantic error in sftkit's words: `section.key: problem`."""
-    kind, value = error["type"], error.get("input")
-    path = [p for p in error["loc"] if isinstance(p, int) or (isinstance(p, str) and p.isidentifier())]
-    key = prefix + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
-    if kind == "value_error":  # raised by a __post_init__: a ConfigError already naming its key
-        inner = error.get("ctx", {}).get("error")
-        return inner if isinstance(inner, ConfigError) else ConfigError(f"{key}: {inner}")
-    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
-        return _unknown_key(key)
-    if kind == "missing" or kind == "missing_argument":
-        return ConfigError(f"{key}: required")
-    if kind == "literal_error":
-        options = error["ctx"]["expected"].replace("'", "").replace(" or ", ", ")
-        return ConfigError(f"{key}: {value!r} is not one of {options}")
-    expected = {"float": "a number", "int": "an integer", "bool": "true or false", "string": "a string",
-                "dict": "a mapping", "list": "a list", "dataclass": "a mapping"}
-    what = next((text for name, text in expected.items() if kind.startswith(name)), None)
-    if what is None:
-        return ConfigError(f"{key}: {error['msg']} (got {value!r})")
-    return ConfigError(f"{key}: expected {what}, got {value!r}")
-
-
-def _unknown_key(dotted: str) -> ConfigError:
-    """`x.y: unknown key — did you mean 'x.z'? (valid keys: ...)`."""
-    section, _, name = dotted.rpartition(".")
-    known = [f.name for f in fields(Config)] if not section else next(
-        ([f.name for f in fields(s)] for s in SECTIONS if s.section == section), [])
-    prefix = f"{section}." if section else ""
-    close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
-    if ALIASES.get(name) in known:
-        close = [ALIASES[name]]
-    hint = f" — did you mean '{prefix}{close[0]}'?" if close else ""
-    return ConfigError(f"{dotted}: unknown key{hint} (valid keys: {', '.join(prefix + k for k in known)})")
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `section.key=value` strings to nested dicts; values are parsed with yaml.safe_load."""
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError(f"{item!r}: an override reads key=value, e.g. train.lr=1e-5")
-        try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{key}: the value {text!r} is not valid YAML ({err.__class__.__name__})") from None
-        parts = key.split(".")
-        node = raw
-        for depth, part in enumerate(parts[:-1]):
-            child = node.setdefault(part, {})
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(f"{'.'.join(parts[:depth + 1])}: is a value, not a section (in {item!r})")
-            node = child
-        node[parts[-1]] = value
-    return raw
-
-
-def read_recipe(path: str | Path) -> dict[str, Any]:
-    """The mapping of a YAML recipe file, or a `ConfigError` naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections (model, data, train, output_dir)")
-    return raw
-
-
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML recipe (or start empty), apply dotted overrides, validate."""
-    raw = read_recipe(path) if path is not None else {}
-    return Config.from_dict(apply_overrides(raw, list(overrides)))
-
-
-def describe_keys(section: str | None = None) -> list[tuple[str, str, str, str]]:
-    """(dotted key, type, default, description) of every key, or of one section: `sftkit config keys`."""
-    rows = []
-    for cls in SECTIONS:
-        if section not in (None, cls.section):
-            continue
-        schema = _adapter(cls).json_schema()["properties"]
-        hints = get_type_hints(cls)
-        for f in fields(cls):
-            default = f.default_factory() if f.default_factory is not MISSING else (
-                None if f.default is MISSING else f.default)
-            value = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
-            doc = " ".join(schema[f.name].get("description", "").split())
-            rows.append((f"{cls.section}.{f.name}", _type_name(hints[f.name]), value, doc))
-    if section in (None, "output_dir"):
-        rows.append(("output_dir", "str", "runs/sft", "Run directory: config.yaml, metrics.jsonl, tb/, loss.png, "
-                                                      "checkpoints/, final/."))
-    if not rows:
-        names = [cls.section for cls in SECTIONS] + ["output_dir"]
-        raise ConfigError(f"{section}: no such section (one of {', '.join(names)})")
-    return rows
-
-
-def _type_name(hint: Any) -> str:
-    """`int | None`, `assistant | last | all`, `list[str]`: a type as a person reads it."""
-    origin = get_origin(hint)
-    if origin is Literal:
-        return " | ".join(map(str, get_args(hint)))
-    if origin in (Union, types.UnionType):
-        return " | ".join("null" if a is type(None) else _type_name(a) for a in get_args(hint))
-    if origin is not None:
-        return f"{origin.__name__}[{', '.join(_type_name(a) for a in get_args(hint))}]"
-    return "any" if hint is Any else getattr(hint, "__name__", str(hint))

@@ -28,18 +28,17 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
-from sftkit.checkpoint import atomic_dir
+from sftkit.config import CONFIG_FILE
+from sftkit.durable import atomic_dir
 from sftkit.lora import adapter_base, is_adapter_dir, load_adapter, save_options
-from sftkit.model import DTYPES, ModelError
-
-CONFIG_FILE = "sftkit_config.yaml"  # written by `sftkit train` into final/: template variables for generate
+from sftkit.model import TORCH_DTYPES, ModelError
 
 
 def stored_dtype(model_dir: Path) -> torch.dtype:
     """The dtype a model directory's config.json says its weights are in (float32 when it says nothing)."""
     config = json.loads((model_dir / "config.json").read_text())
     name = config.get("dtype") or config.get("torch_dtype") or "float32"
-    return DTYPES.get(str(name), torch.float32)
+    return TORCH_DTYPES.get(str(name), torch.float32)
 
 
 def retie(model: PreTrainedModel, base_dir: Path) -> PreTrainedModel:
@@ -83,7 +82,7 @@ def export(
     with atomic_dir(out) as tmp:
         if merge:
             merged = retie(model.merge_and_unload(), base_dir)
-            merged.to(stored_dtype(base_dir) if dtype == "auto" else DTYPES[dtype])
+            merged.to(stored_dtype(base_dir) if dtype == "auto" else TORCH_DTYPES[dtype])
             merged.save_pretrained(tmp, safe_serialization=True)
         else:
             model.peft_config[model.active_adapter].base_model_name_or_path = str(base_dir.resolve())

@@ -29,14 +29,14 @@ from typing import Any, NoReturn
 
 import torch
 
-from sftkit.config import TrainConfig
+from sftkit.config import CONFIG_FILE, TrainConfig
 
 MAX_SOURCES_SHOWN = 8
 
 
 def resume_command(output_dir: str | Path) -> str:
-    """The command that resumes the run in `output_dir` (its resolved config.yaml holds every override)."""
-    return f"sftkit train {Path(output_dir) / 'config.yaml'} train.resume=true"
+    """The command that resumes the run in `output_dir` (its resolved config holds every override)."""
+    return f"sftkit train {Path(output_dir) / CONFIG_FILE} train.resume=true"
 
 
 def resume_advice(output_dir: str | Path) -> str:

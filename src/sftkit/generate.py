@@ -22,11 +22,16 @@ from typing import Any, TextIO
 
 import torch
 import yaml
-from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, TextStreamer
+from transformers import (
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    TextStreamer,
+)
 
-from sftkit.data.templates import end_of_turn_token_ids
+from sftkit.config import CONFIG_FILE
+from sftkit.data.templates import end_of_turn_token_ids, pad_token_id
 from sftkit.lora import is_adapter_dir, load_adapter
-from sftkit.model import check_local_dir, load_tokenizer, resolve_device, resolve_dtype
+from sftkit.model import check_local_dir, load_tokenizer, read_weights, resolve_device, resolve_dtype
 
 
 @dataclass
@@ -55,16 +60,13 @@ def load_for_generation(
     tokenizer = load_tokenizer(directory, trust_remote_code=trust_remote_code)
     if not tokenizer.chat_template:
         raise ValueError(f"{directory}: the tokenizer has no chat template — was it trained with sftkit?")
-    model = AutoModelForCausalLM.from_pretrained(
-        directory, local_files_only=True, use_safetensors=True, trust_remote_code=trust_remote_code,
-        dtype=resolve_dtype(dtype, target),
-    )
+    model = read_weights(directory, resolve_dtype(dtype, target), trust_remote_code=trust_remote_code)
     return model.to(target).eval(), tokenizer
 
 
 def training_template_kwargs(model_dir: str | Path) -> dict[str, Any]:
     """`data.template_kwargs` of the run that wrote `model_dir` (its sftkit_config.yaml), else {}."""
-    path = Path(model_dir) / "sftkit_config.yaml"
+    path = Path(model_dir) / CONFIG_FILE
     if not path.is_file():
         return {}
     return dict((yaml.safe_load(path.read_text()) or {}).get("data", {}).get("template_kwargs") or {})
@@ -106,7 +108,7 @@ def generate_reply(
     """The assistant's next turn after `messages` (greedy when temperature == 0)."""
     prompt = encode_prompt(tokenizer, messages, template_kwargs)
     stops = stop_ids(model, tokenizer, template_kwargs)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    pad_id = pad_token_id(tokenizer, stops)
     config = copy.deepcopy(model.generation_config)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {
         "do_sample": False, "temperature": None, "top_p": None, "top_k": None,

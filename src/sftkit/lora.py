@@ -28,11 +28,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.pytorch_utils import Conv1D
 
 from sftkit.config import Config, ConfigError, LoraConfig
-from sftkit.model import ModelError, check_local_dir, init_new_token_rows, load_model, load_tokenizer, resolve_dtype
+from sftkit.model import (
+    ModelError,
+    check_local_dir,
+    init_new_token_rows,
+    load_model,
+    load_tokenizer,
+    read_weights,
+    resolve_dtype,
+)
 
 if TYPE_CHECKING:
     import peft
@@ -220,7 +232,7 @@ def load_base_for_adapter(
     tokenizer = load_tokenizer(adapter)
     base_vocab = load_tokenizer(base_dir).get_vocab()
     added = [token for token in tokenizer.get_vocab() if token not in base_vocab]
-    model = AutoModelForCausalLM.from_pretrained(base_dir, local_files_only=True, use_safetensors=True, dtype=dtype)
+    model = read_weights(base_dir, dtype)
     if added or len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         init_new_token_rows(model, tokenizer, added)
     if (adapter / "generation_config.json").is_file():  # the end-of-turn stop tokens of training

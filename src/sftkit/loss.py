@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import itertools
 from typing import Any
 
 import torch
@@ -35,9 +34,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel, modeling_utils
 
-from sftkit.attention import NAME as DOCUMENTS
-from sftkit.config import ConfigError
-from sftkit.data.pack import block_causal_mask, sequence_lengths
+from sftkit.attention import model_inputs
 from sftkit.data.render import IGNORE_INDEX
 
 CHUNK_ELEMENTS = 2**25  # fp32 logits per chunk: 128 MB (4,096 rows of an 8k vocabulary, 220 of Qwen's 152k)
@@ -51,6 +48,8 @@ def token_loss_sum(model: PreTrainedModel, batch: dict[str, torch.Tensor], chunk
     trained = F.pad(labels != IGNORE_INDEX, (0, 1))  # (batch, length): positions whose prediction is trained
     targets = labels[labels != IGNORE_INDEX]
     inputs = model_inputs(model, batch)
+    if not len(targets):  # an idle batch (torchrun: a rank's empty share of a short last micro-batch)
+        return idle_loss(model, inputs)
     kind = head_kind(model)
     if kind == "model":
         return F.cross_entropy(_model_logits(model, inputs, trained).float(), targets, reduction="sum")
@@ -67,41 +66,11 @@ def token_loss_sum(model: PreTrainedModel, batch: dict[str, torch.Tensor], chunk
     return linear_cross_entropy(hidden, head.weight, head.bias, targets, chunk)
 
 
-def model_inputs(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Keyword arguments for the decoder: padded batches as they are, packed ones kept apart.
-
-    Right-padded batches (sftkit's `collate`) need no padding mask: under causal attention no real
-    token sees a later pad, so sdpa runs its cheaper `is_causal` kernel. A batch with
-    `document_ids` (packed or padding-free, `sftkit.data.pack`) gets `position_ids` that restart
-    per document and one of: document boundaries for `document_sdpa` and flash-attention (the rows
-    flattened into one), or an explicit block-diagonal mask (boolean for sdpa, additive for eager).
-    The cache is always off: a cache disables transformers' own packed-sequence handling.
-    """
-    inputs: dict[str, Any] = {"input_ids": batch["input_ids"], "use_cache": False}
-    if "document_ids" not in batch:
-        mask = batch["attention_mask"]
-        if not bool((mask[:, :-1] >= mask[:, 1:]).all()):  # not right-padded: the mask is needed
-            inputs["attention_mask"] = mask
-        return inputs
-    attention = getattr(model.config, "_attn_implementation", None) or "sdpa"
-    if attention == DOCUMENTS or "flash" in attention:
-        bounds = [0, *itertools.accumulate(sequence_lengths(batch["document_ids"]))]
-        inputs.update(input_ids=batch["input_ids"].reshape(1, -1), position_ids=batch["position_ids"].reshape(1, -1))
-        if attention == DOCUMENTS:  # a 4-D mask passes through transformers untouched; document_sdpa ignores it
-            placeholder = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=batch["input_ids"].device)
-            inputs.update(cu_seq_lens_q=bounds, attention_mask=placeholder)
-        else:
-            cumulative = torch.tensor(bounds, dtype=torch.int32, device=batch["input_ids"].device)
-            longest = max(b - a for a, b in zip(bounds, bounds[1:]))
-            inputs.update(cu_seq_lens_q=cumulative, cu_seq_lens_k=cumulative, max_length_q=longest,
-                          max_length_k=longest)
-        return inputs
-    if attention not in ("sdpa", "eager"):
-        raise ConfigError(f"model.attn_implementation: {attention!r} cannot keep packed documents apart; use sdpa, "
-                          "eager or flash_attention_2 with data.packing / data.padding_free")
-    dtype = model.dtype if attention == "eager" else None
-    inputs.update(position_ids=batch["position_ids"], attention_mask=block_causal_mask(batch["document_ids"], dtype))
-    return inputs
+def idle_loss(model: PreTrainedModel, inputs: dict[str, Any]) -> torch.Tensor:
+    """0, reached through every parameter: with nothing to train, the forward and backward still run (their
+    gradients all zero), so the gradient reductions of DDP and FSDP on every rank stay in step."""
+    keep = {"logits_to_keep": 1} if _logits_to_keep_kind(model) != "none" else {}
+    return model(**inputs, **keep).logits[:, -1].float().sum() * 0.0
 
 
 def head_kind(model: PreTrainedModel) -> str:

@@ -2,7 +2,7 @@
 
     sftkit train configs/tiny-cpu.yaml              # model.path -> load_model()
     sftkit model tiny --config ../shared/data/configs/qwen2.json \\
-        --tokenizer ../shared/data/tokenizers/qwen2.5 --out runs/tiny-qwen2   # save_tiny_model()
+        --tokenizer ../shared/data/tokenizers/qwen2.5 --out runs/tiny-qwen2   # build_tiny_model()
 
 sftkit reads local directories only (`local_files_only=True`, safetensors weights unless
 `model.allow_pickle: true`, no remote code unless `model.trust_remote_code: true`). When the chat
@@ -18,12 +18,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
-from sftkit.config import ModelConfig
+from sftkit.config import DTYPES, ModelConfig
 from sftkit.data.templates import prepare_tokenizer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES if name != "auto"}
 
 
 class ModelError(ValueError):
@@ -41,7 +47,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """`auto` -> bfloat16 on CUDA, float32 elsewhere; otherwise the named dtype."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
+    return TORCH_DTYPES[name]
 
 
 def check_local_dir(path: str | Path, what: str = "model.path") -> Path:
@@ -92,18 +98,21 @@ def load_model(
         raise ModelError(f"model.path: {directory} has no *.safetensors weights (sftkit loads safetensors only; "
                          "model.allow_pickle=true also loads pickled .bin weights, which can run code)")
     placement = {"quantization_config": quantization, "device_map": str(device)} if quantization else {}
-    model = AutoModelForCausalLM.from_pretrained(
-        directory,
-        local_files_only=True,
-        use_safetensors=True if not config.allow_pickle else None,
-        trust_remote_code=config.trust_remote_code,
-        dtype=resolve_dtype(config.dtype, device),
-        attn_implementation=config.attn_implementation,
-        **placement,
-    )
+    model = read_weights(directory, resolve_dtype(config.dtype, device), trust_remote_code=config.trust_remote_code,
+                         allow_pickle=config.allow_pickle, attn_implementation=config.attn_implementation,
+                         **placement)
     if added:
         init_new_token_rows(model, tokenizer, added)
     return (model if quantization else model.to(device)), tokenizer, added
+
+
+def read_weights(directory: str | Path, dtype: torch.dtype | str | None, *, trust_remote_code: bool = False,
+                 allow_pickle: bool = False, **kwargs: Any) -> PreTrainedModel:
+    """A local model directory's causal LM: every model sftkit loads (training, LoRA base, generation)
+    is read here, offline and from safetensors unless `allow_pickle`. `kwargs` go to transformers."""
+    return AutoModelForCausalLM.from_pretrained(
+        directory, local_files_only=True, use_safetensors=None if allow_pickle else True,
+        trust_remote_code=trust_remote_code, dtype=dtype, **kwargs)
 
 
 def init_new_token_rows(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, added: list[str]) -> list[int]:
@@ -200,19 +209,3 @@ def build_tiny_model(
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         setattr(model.generation_config, name, getattr(config, name, None))
     return model
-
-
-def save_tiny_model(
-    config_json: str | Path,
-    tokenizer_dir: str | Path,
-    out_dir: str | Path,
-    **shrink: Any,
-) -> Path:
-    """Write a tiny random model + the tokenizer as a local HF directory `sftkit train` can load."""
-    tokenizer = load_tokenizer(tokenizer_dir)
-    model = build_tiny_model(config_json, tokenizer, **shrink)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out

@@ -2,7 +2,8 @@
 
 A user who writes `<|im_end|><|im_start|>assistant` inside a message must not be able to end their
 turn and forge an assistant reply in the training data. Strings from records are marked before
-rendering (`mark`), and `encode_marked` tokenizes the marked spans as plain text while the
+rendering (`mark`; which tokens count is `sftkit.data.templates.control_pattern`), and
+`encode_marked` tokenizes the marked spans as plain text while the
 template's own control tokens stay control tokens. Same rule as transformers'
 `apply_chat_template(sanitize_control_tokens=True)`, but with character offsets kept, which the
 renderer needs to place labels.
@@ -17,18 +18,6 @@ from transformers import PreTrainedTokenizerBase
 
 OPEN, CLOSE = "\ue000", "\ue001"  # private-use characters around a user-written control token
 _MARKED = re.compile(f"{OPEN}(.*?){CLOSE}|[{OPEN}{CLOSE}]", re.DOTALL)
-
-
-def control_pattern(tokenizer: PreTrainedTokenizerBase) -> re.Pattern[str]:
-    """Special tokens, plus added tokens that the chat template writes itself; longest first."""
-    template = tokenizer.chat_template or ""
-    tokens = {
-        t.content
-        for t in tokenizer.added_tokens_decoder.values()
-        if t.content and (t.special or (t.content in template and not t.content.isspace()))
-    }
-    ordered = sorted(tokens, key=len, reverse=True)
-    return re.compile("|".join(re.escape(t) for t in ordered) or "(?!)")
 
 
 def contains_control(obj: Any, pattern: re.Pattern[str]) -> bool:

@@ -139,7 +139,9 @@ def _mergeable_ranks(model: dict[str, Any]) -> dict[bytes, int]:
 
 
 def _byte_of_char() -> dict[str, int]:
-    from transformers.convert_slow_tokenizer import bytes_to_unicode  # ByteLevel's byte <-> character map
+    from transformers.convert_slow_tokenizer import (
+        bytes_to_unicode,  # ByteLevel's byte <-> character map
+    )
 
     return {char: byte for byte, char in bytes_to_unicode().items()}
 

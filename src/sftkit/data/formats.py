@@ -46,15 +46,28 @@ with its kind ("unknown role: 'bot' ..."); `load_records` raises them together a
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sftkit.data.messages import ROLES, Conversation, DataError, Message, RawText, Record
-from sftkit.data.sources import DataFileError, LoadReport, Row, json_type, read_rows
+from sftkit.data.fields import (
+    as_text,
+    conversation,
+    join,
+    message,
+    message_extra,
+    optional_text,
+    required,
+    role_content,
+    tool_call_message,
+    tool_schemas,
+    typed,
+)
+from sftkit.data.messages import DataError, DataFileError, Message, Problems, RawText, Record
+from sftkit.data.sources import Row, read_rows
 
 __all__ = ["FORMATS", "DataFileError", "LoadReport", "detect_format", "load_records"]
 
@@ -69,11 +82,37 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "system": "system", "observation": "tool", "tool": "tool",
                   "function_call": "assistant"}
 OASST_ROLES = {"prompter": "user", "assistant": "assistant"}
-ROLE_HINT = "rename the role, or use format='sharegpt' for {from, value} turns"
 MT_BENCH_HINT = ("MT-Bench questions and answers come in separate files: join them by question_id "
                  "into one row (turns + choices) or into `messages` rows")
 
 Adapter = Callable[[Row, str, Counter], list[Record]]
+
+
+@dataclass
+class LoadReport:
+    """What `load_records` read: the records, and what it skipped or dropped on the way."""
+
+    records: list[Record]  # Conversation | RawText, in file order
+    problems: Problems  # invalid records: skipped and counted by kind (on_error="skip"), the first few kept
+    format: str  # the detected / used format name
+    path: str
+    dropped: Counter[str] = field(default_factory=Counter)  # removed on purpose, not errors
+
+    @property
+    def skipped(self) -> Counter[str]:
+        return self.problems.skipped if self.problems.skip else Counter()
+
+    @property
+    def errors(self) -> list[DataError]:
+        return self.problems.errors
+
+    def summary(self) -> str:
+        """One line for people, e.g. "x.jsonl (messages): 9 records; skipped invalid: 1 bad JSON"."""
+        text = f"{self.path} ({self.format}): {len(self.records)} records"
+        for label, counts in (("skipped invalid", self.skipped), ("dropped", self.dropped)):
+            if counts:
+                text += f"; {label}: " + ", ".join(f"{n} {kind}" for kind, n in counts.most_common())
+        return text
 
 
 def load_records(path: str | Path, *, format: str = "auto", columns: dict[str, str] | None = None,
@@ -90,10 +129,10 @@ def load_records(path: str | Path, *, format: str = "auto", columns: dict[str, s
         raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
     if format != "auto" and format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; choose one of auto, {', '.join(FORMATS)}")
-    report = LoadReport([], Counter(), [], format, str(path))
+    report = LoadReport([], Problems(on_error == "skip", max_errors), format, str(path))
     adapt: Adapter | None = None
     renames = dict(columns or {})
-    invalid = rows = 0
+    rows = 0
     for source, row in read_rows(path):
         rows += 1
         if adapt is None and not isinstance(row, DataError):  # an unknown format raises here
@@ -104,17 +143,12 @@ def load_records(path: str | Path, *, format: str = "auto", columns: dict[str, s
             assert adapt is not None
             report.records.extend(adapt(_rename(row, renames), source, report.dropped))
         except DataError as err:
-            invalid += 1
-            if len(report.errors) < max_errors:
-                report.errors.append(_in_file_terms(err, renames))
-            if on_error == "skip":
-                report.skipped[err.kind] += 1
-            elif invalid >= max(max_errors, 1):
-                raise DataFileError(str(path), report.errors, invalid, rows, stopped=True) from None
+            report.problems.add(_in_file_terms(err, renames))
+            if report.problems.full:
+                report.problems.raise_if_any(str(path), rows, stopped=True)
     if rows == 0:
         raise DataError(str(path), "no records: the file holds no rows")
-    if invalid and on_error == "raise":
-        raise DataFileError(str(path), report.errors, invalid, rows, stopped=False)
+    report.problems.raise_if_any(str(path), rows)
     return report
 
 
@@ -175,217 +209,69 @@ def _in_file_terms(err: DataError, columns: Mapping[str, str]) -> DataError:
     return DataError(err.source, err.problem, columns[head] + rest, err.hint)
 
 
-# --- shared checks -------------------------------------------------------------------------------
-
-def _get(row: Mapping[str, Any], key: str, source: str, prefix: str = "") -> Any:
-    if row.get(key) is None:
-        raise DataError(source, "missing field: absent or null", prefix + key)
-    return row[key]
-
-
-def _typed(value: Any, kind: type, source: str, field_name: str) -> Any:
-    if not isinstance(value, kind):
-        expected = "a list" if kind is list else "an object"
-        raise DataError(source, f"wrong type: expected {expected}, got {json_type(value)}", field_name)
-    return value
-
-
-def _text(value: Any, source: str, field_name: str) -> str:
-    if not isinstance(value, str):
-        raise DataError(source, f"non-string content: got {json_type(value)}", field_name,
-                        hint="content must be a string")
-    return value
-
-
-def _optional_text(row: Mapping[str, Any], key: str, source: str, prefix: str = "") -> str:
-    value = row.get(key)
-    return "" if value is None else _text(value, source, prefix + key)
-
-
-def _message(role: str, content: Any, source: str, field_name: str,
-             extra: dict[str, Any] | None = None) -> Message:
-    extra = extra or {}
-    if content is None and extra.get("tool_calls"):
-        content = ""
-    text = _text(content, source, field_name)
-    if role == "assistant" and not text.strip() and not extra.get("tool_calls"):
-        raise DataError(source, "empty reply: the assistant message is empty", field_name,
-                        hint="remove the record or write the reply")
-    return Message(role, text, extra)
-
-
-def _join(*parts: str) -> str:
-    return "\n\n".join(part for part in parts if part.strip())
-
-
-def _conversation(messages: list[Message], source: str, dropped: Counter, tools: Any = None,
-                  hint: str | None = None) -> Conversation:
-    """Checks a conversation as a whole and removes the turns after its last assistant reply."""
-    last = max((i for i, m in enumerate(messages) if m.role == "assistant"), default=None)
-    if last is None:
-        raise DataError(source, "no assistant reply: nothing to train on", hint=hint)
-    if not any(m.role == "user" for m in messages[:last]):
-        raise DataError(source, "no user turn: no user message before the assistant reply", hint=hint)
-    if last + 1 < len(messages):
-        dropped["trailing turn"] += len(messages) - last - 1
-    return Conversation(messages[:last + 1], source, tools)
-
-
-def _tools(row: Mapping[str, Any], source: str) -> list[dict[str, Any]] | None:
-    """Tool schemas as HF templates take them: [{"type": "function", "function": {...}}]."""
-    tools = row.get("tools")
-    if isinstance(tools, str):
-        if not tools.strip():
-            return None
-        try:
-            tools = json.loads(tools)
-        except (ValueError, RecursionError) as err:
-            raise DataError(source, f"bad tools: not JSON ({_json_problem(err)})", "tools") from None
-    if not tools:
-        return None
-    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-        raise DataError(source, "bad tools: expected a list of tool schemas (objects)", "tools")
-    return [t if "type" in t or "name" not in t else {"type": "function", "function": t} for t in tools]
-
-
-def _arguments(value: Any) -> Any:
-    """Tool-call arguments as an object when they are a JSON-object string (OpenAI wire format)."""
-    if isinstance(value, str):
-        try:
-            parsed = json.loads(value)
-        except (ValueError, RecursionError):
-            return value
-        return parsed if isinstance(parsed, dict) else value
-    return value
-
-
-def _json_problem(err: ValueError | RecursionError) -> str:
-    """What json.loads disliked: its message, or the limit it hit (deep nesting, a huge number)."""
-    if isinstance(err, json.JSONDecodeError):
-        return err.msg
-    return "nested too deeply" if isinstance(err, RecursionError) else str(err).split(":")[0]
-
-
-def _extra(turn: Mapping[str, Any], known: tuple[str, ...], source: str,
-           field_name: str) -> dict[str, Any]:
-    extra = {key: value for key, value in turn.items() if key not in known and value is not None}
-    if "tool_calls" in extra:
-        calls = _typed(extra["tool_calls"], list, source, f"{field_name}.tool_calls")
-        for i, call in enumerate(calls):
-            _check_tool_call(call, source, f"{field_name}.tool_calls[{i}]")
-        extra["tool_calls"] = [_with_parsed_arguments(call) for call in calls]
-    return extra
-
-
-def _check_tool_call(call: Any, source: str, field_name: str) -> None:
-    """A tool call is {"function": {"name": str, "arguments": ...}} (OpenAI) or {"name": str, ...}."""
-    function = call.get("function", call) if isinstance(call, dict) else None
-    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-        raise DataError(source, "bad tool call: expected an object with a string function name", field_name,
-                        hint='e.g. {"type": "function", "function": {"name": "f", "arguments": {...}}}')
-
-
-def _with_parsed_arguments(call: Any) -> Any:
-    function = call.get("function") if isinstance(call, dict) else None
-    if not isinstance(function, dict) or "arguments" not in function:
-        return call
-    return {**call, "function": {**function, "arguments": _arguments(function["arguments"])}}
-
-
 # --- adapters: (row, source, dropped) -> records ------------------------------------------------
-
-def _role_content(turns: list[Any], key: str, source: str) -> list[Message]:
-    messages = []
-    for i, turn in enumerate(turns):
-        name = f"{key}[{i}]"
-        _typed(turn, dict, source, name)
-        role = _get(turn, "role", source, f"{name}.")
-        if role not in ROLES:
-            raise DataError(source, f"unknown role: {role!r} (expected one of {', '.join(ROLES)})",
-                            f"{name}.role", hint=ROLE_HINT)
-        extra = _extra(turn, ("role", "content"), source, name)
-        has_calls = bool(extra.get("tool_calls"))  # content may be null beside tool calls
-        content = turn.get("content") if has_calls else _get(turn, "content", source, f"{name}.")
-        messages.append(_message(role, content, source, f"{name}.content", extra))
-    return messages
-
 
 def _from_messages(row: Row, source: str, dropped: Counter) -> list[Record]:
     key = next((k for k in ("messages", "conversation", "conversations") if k in row), "messages")
-    messages = _role_content(_typed(_get(row, key, source), list, source, key), key, source)
-    system = _optional_text(row, "system", source)
+    messages = role_content(typed(required(row, key, source), list, source, key), key, source)
+    system = optional_text(row, "system", source)
     if system.strip() and not (messages and messages[0].role == "system"):
         messages.insert(0, Message("system", system))
-    return [_conversation(messages, source, dropped, _tools(row, source))]
-
-
-def _tool_call(value: Any, source: str, field_name: str, extra: dict[str, Any]) -> Message:
-    hint = 'expected {"name": ..., "arguments": {...}} (or a list of them)'
-    try:
-        call = json.loads(_text(value, source, field_name))
-    except (ValueError, RecursionError) as err:
-        raise DataError(source, f"bad tool call: not JSON ({_json_problem(err)})", field_name, hint) from None
-    calls = call if isinstance(call, list) else [call]
-    if not calls or not all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in calls):
-        raise DataError(source, "bad tool call: no function name", field_name, hint)
-    tool_calls = [{"type": "function",
-                   "function": {"name": c["name"], "arguments": _arguments(c.get("arguments", {}))}}
-                  for c in calls]
-    return Message("assistant", "", {**extra, "tool_calls": tool_calls})
+    return [conversation(messages, source, dropped, tool_schemas(row, source))]
 
 
 def _from_sharegpt(row: Row, source: str, dropped: Counter) -> list[Record]:
-    turns = _typed(_get(row, "conversations", source), list, source, "conversations")
-    system = _optional_text(row, "system", source)
+    turns = typed(required(row, "conversations", source), list, source, "conversations")
+    system = optional_text(row, "system", source)
     messages = [Message("system", system)] if system.strip() else []
     for i, turn in enumerate(turns):
         name = f"conversations[{i}]"
-        _typed(turn, dict, source, name)
-        sender = _get(turn, "from", source, f"{name}.")
+        typed(turn, dict, source, name)
+        sender = required(turn, "from", source, f"{name}.")
         if not isinstance(sender, str) or sender not in SHAREGPT_ROLES:
             expected = ", ".join(SHAREGPT_ROLES)
             raise DataError(source, f"unknown role: {sender!r} (expected one of {expected})",
                             f"{name}.from", hint="rename it, or load the file with another format=")
-        value = _get(turn, "value", source, f"{name}.")
-        extra = _extra(turn, ("from", "value"), source, name)
+        value = required(turn, "value", source, f"{name}.")
+        extra = message_extra(turn, ("from", "value"), source, name)
         if sender == "function_call":
-            messages.append(_tool_call(value, source, f"{name}.value", extra))
+            messages.append(tool_call_message(value, source, f"{name}.value", extra))
         else:
-            messages.append(_message(SHAREGPT_ROLES[sender], value, source, f"{name}.value", extra))
-    return [_conversation(messages, source, dropped, _tools(row, source))]
+            messages.append(message(SHAREGPT_ROLES[sender], value, source, f"{name}.value", extra))
+    return [conversation(messages, source, dropped, tool_schemas(row, source))]
 
 
 def _from_alpaca(row: Row, source: str, dropped: Counter) -> list[Record]:
-    instruction = _text(_get(row, "instruction", source), source, "instruction")
-    prompt = _join(instruction, _optional_text(row, "input", source))
+    instruction = as_text(required(row, "instruction", source), source, "instruction")
+    prompt = join(instruction, optional_text(row, "input", source))
     if not prompt:
         raise DataError(source, "empty prompt: instruction and input are both empty", "instruction")
-    system = _optional_text(row, "system", source)
+    system = optional_text(row, "system", source)
     messages = [Message("system", system)] if system.strip() else []
-    for i, pair in enumerate(_typed(row.get("history") or [], list, source, "history")):
+    for i, pair in enumerate(typed(row.get("history") or [], list, source, "history")):
         if not isinstance(pair, (list, tuple)) or len(pair) != 2:
             raise DataError(source, "bad history: each entry must be a [user, assistant] pair",
                             f"history[{i}]")
-        messages.append(_message("user", pair[0], source, f"history[{i}][0]"))
-        messages.append(_message("assistant", pair[1], source, f"history[{i}][1]"))
+        messages.append(message("user", pair[0], source, f"history[{i}][0]"))
+        messages.append(message("assistant", pair[1], source, f"history[{i}][1]"))
     messages.append(Message("user", prompt))
-    messages.append(_message("assistant", _get(row, "output", source), source, "output"))
-    return [_conversation(messages, source, dropped)]
+    messages.append(message("assistant", required(row, "output", source), source, "output"))
+    return [conversation(messages, source, dropped)]
 
 
 def _from_prompt_completion(row: Row, source: str, dropped: Counter) -> list[Record]:
     messages = []
     for key, role in (("prompt", "user"), ("completion", "assistant")):
-        value = _get(row, key, source)
+        value = required(row, key, source)
         if isinstance(value, list):
-            messages += _role_content(value, key, source)
+            messages += role_content(value, key, source)
         else:
-            messages.append(_message(role, value, source, key))
-    return [_conversation(messages, source, dropped, _tools(row, source))]
+            messages.append(message(role, value, source, key))
+    return [conversation(messages, source, dropped, tool_schemas(row, source))]
 
 
 def _from_text(row: Row, source: str, dropped: Counter) -> list[Record]:
-    text = _text(_get(row, "text", source), source, "text")
+    text = as_text(required(row, "text", source), source, "text")
     if not text.strip():
         raise DataError(source, "empty text: the document is empty", "text")
     return [RawText(text, source)]
@@ -402,53 +288,53 @@ def _oasst_rank(pair: tuple[int, Mapping[str, Any]]) -> tuple[bool, float]:
 
 
 def _from_oasst(row: Row, source: str, dropped: Counter) -> list[Record]:
-    node, name = _typed(_get(row, "prompt", source), dict, source, "prompt"), "prompt"
+    node, name = typed(required(row, "prompt", source), dict, source, "prompt"), "prompt"
     if not _oasst_usable(node):
         dropped["synthetic or deleted tree"] += 1
         return []
     messages = []
     while True:
-        role = _get(node, "role", source, f"{name}.")
+        role = required(node, "role", source, f"{name}.")
         if not isinstance(role, str) or role not in OASST_ROLES:
             raise DataError(source, f"unknown role: {role!r} (expected prompter or assistant)",
                             f"{name}.role")
-        text = _get(node, "text", source, f"{name}.")
-        messages.append(_message(OASST_ROLES[role], text, source, f"{name}.text"))
-        replies = _typed(node.get("replies") or [], list, source, f"{name}.replies")
+        text = required(node, "text", source, f"{name}.")
+        messages.append(message(OASST_ROLES[role], text, source, f"{name}.text"))
+        replies = typed(node.get("replies") or [], list, source, f"{name}.replies")
         usable = [(i, r) for i, r in enumerate(replies) if isinstance(r, dict) and _oasst_usable(r)]
         if not usable:
-            return [_conversation(messages, source, dropped)]
+            return [conversation(messages, source, dropped)]
         index, node = min(usable, key=_oasst_rank)  # min() keeps the first of equal ranks
         name = f"{name}.replies[{index}]"
 
 
 def _from_self_instruct(row: Row, source: str, dropped: Counter) -> list[Record]:
-    instruction = _text(_get(row, "instruction", source), source, "instruction")
+    instruction = as_text(required(row, "instruction", source), source, "instruction")
     records: list[Record] = []
-    for i, instance in enumerate(_typed(_get(row, "instances", source), list, source, "instances")):
+    for i, instance in enumerate(typed(required(row, "instances", source), list, source, "instances")):
         name = f"instances[{i}]"
-        _typed(instance, dict, source, name)
-        prompt = _join(instruction, _optional_text(instance, "input", source, f"{name}."))
-        output = _get(instance, "output", source, f"{name}.")
-        reply = _message("assistant", output, source, f"{name}.output")
-        records.append(_conversation([Message("user", prompt), reply], source, dropped))
+        typed(instance, dict, source, name)
+        prompt = join(instruction, optional_text(instance, "input", source, f"{name}."))
+        output = required(instance, "output", source, f"{name}.")
+        reply = message("assistant", output, source, f"{name}.output")
+        records.append(conversation([Message("user", prompt), reply], source, dropped))
     if not records:
         raise DataError(source, "no assistant reply: 'instances' is empty", "instances")
     return records
 
 
 def _from_mt_bench(row: Row, source: str, dropped: Counter) -> list[Record]:
-    questions = _typed(row.get("turns") or [], list, source, "turns")
-    choices = _typed(row.get("choices") or [{}], list, source, "choices")
-    answers = _typed(_typed(choices[0], dict, source, "choices[0]").get("turns") or [], list, source,
+    questions = typed(row.get("turns") or [], list, source, "turns")
+    choices = typed(row.get("choices") or [{}], list, source, "choices")
+    answers = typed(typed(choices[0], dict, source, "choices[0]").get("turns") or [], list, source,
                      "choices[0].turns")
     messages = []
     for i in range(max(len(questions), len(answers))):
         if i < len(questions):
-            messages.append(_message("user", questions[i], source, f"turns[{i}]"))
+            messages.append(message("user", questions[i], source, f"turns[{i}]"))
         if i < len(answers):
-            messages.append(_message("assistant", answers[i], source, f"choices[0].turns[{i}]"))
-    return [_conversation(messages, source, dropped, hint=MT_BENCH_HINT)]
+            messages.append(message("assistant", answers[i], source, f"choices[0].turns[{i}]"))
+    return [conversation(messages, source, dropped, hint=MT_BENCH_HINT)]
 
 
 ADAPTERS: dict[str, Adapter] = {

@@ -9,6 +9,7 @@ Every record carries `source` ("path:line" or "path:#index") so any later error 
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -77,3 +78,57 @@ class DataError(ValueError):
     def kind(self) -> str:
         """A short category used to count skipped records ("unknown role", "empty reply", ...)."""
         return self.problem.split(":")[0].split("(")[0].strip()
+
+
+SKIP_HINT = ("fix the records, or skip and count invalid ones: data.skip_invalid=true in a recipe, "
+             "--skip-invalid on the command line")
+
+
+class DataFileError(DataError):
+    """Invalid records, listed with file:line and field: what reading (a file) or rendering (a split) met."""
+
+    def __init__(self, path: str, errors: list[DataError], count: int, rows: int, stopped: bool):
+        scope = f"in the first {rows} rows (stopped at max_errors)" if stopped else f"in {rows} rows"
+        what = f"{count} invalid record{'s' if count != 1 else ''} {scope}"
+        super().__init__(path, f"invalid records: {what}", hint=SKIP_HINT)
+        self._init_args = (path, errors, count, rows, stopped)
+        self.errors = errors
+        self.count = count
+        listed = "\n".join(f"  {err}" for err in errors)
+        self.args = (f"{path}: {what}:\n{listed}\n{SKIP_HINT}",)
+
+    def __reduce__(self) -> tuple:
+        return (self.__class__, self._init_args)
+
+
+@dataclass
+class Problems:
+    """The one raise-or-skip rule for invalid records, used while reading files and while rendering.
+
+    `skip`: every invalid record is counted by kind and left out. Otherwise the first `max_errors`
+    are kept and `raise_if_any` raises them together as one `DataFileError`; `full` tells a
+    reader it may stop early.
+    """
+
+    skip: bool = False
+    max_errors: int = 5
+    errors: list[DataError] = field(default_factory=list)
+    skipped: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def count(self) -> int:
+        return sum(self.skipped.values())
+
+    @property
+    def full(self) -> bool:
+        return not self.skip and self.count >= max(self.max_errors, 1)
+
+    def add(self, err: DataError) -> None:
+        self.skipped[err.kind] += 1
+        if len(self.errors) < self.max_errors:
+            self.errors.append(err)
+
+    def raise_if_any(self, where: str, rows: int, stopped: bool = False) -> None:
+        """Raise the invalid records met in `rows` rows of `where` (unless skipping); `stopped`: before the end."""
+        if self.count and not self.skip:
+            raise DataFileError(where, self.errors, self.count, rows, stopped)

@@ -11,8 +11,8 @@
                                        (c, Source("c.jsonl"))], seed=0)
     print(report.summary())
 
-How many records a source gives (`count`; `Source` is the config's `data.train` entry): `samples` is a number of records; `weight`
-scales the source's size, round(weight * size) with halves rounded up: 0.5 = a random half, 1 = all,
+How many records a source gives (`count`; `Source` is the config's `data.train` entry): `samples`
+is a number of records; `weight` scales the source's size, round(weight * size) with halves rounded up: 0.5 = a random half, 1 = all,
 2 = all twice, 2.5 = all twice plus a random half; neither = all of it, once.
 
 Which records: a count up to the source's size is drawn without replacement. Above it the source is

@@ -1,7 +1,7 @@
 """Best-fit-decreasing packing and padding-free rows: several conversations per row, never mixed.
 
-    sftkit train configs/tiny-cpu.yaml data.packing=true              # rows of up to data.max_length
-    sftkit train configs/tiny-cpu.yaml data.padding_free=true         # one row per micro-batch
+    sftkit train configs/tiny-cpu.yaml data.batching=packed           # rows of up to data.max_length
+    sftkit train configs/tiny-cpu.yaml data.batching=padding_free     # one row per micro-batch
     sftkit data preview --tokenizer DIR --data FILE --max-length 512 --pack --json
 
 Packing puts whole conversations (never split, never cropped) into rows of at most `max_length`
@@ -27,23 +27,18 @@ token ever sees another document:
            .              x
            .              x x
 
-The label of each document's first token is -100: the last token of A must not learn to predict
-the first token of B, exactly as in an unpacked batch where position 0 is never predicted.
+The label of each document's first token is -100, as `sftkit.data.render` makes every example:
+the last token of A never learns to predict the first token of B, exactly as in an unpacked batch
+where position 0 is never predicted. Packing only places documents; it never changes a label.
 
-Attention: transformers 5.23 detects packed rows from `position_ids` only when no attention mask
-is passed AND no cache exists; the model's default `use_cache=True` makes a cache and silently
-turns the detection off, so documents attend to each other. sftkit therefore never relies on the
-detection: `sftkit.loss.model_inputs` passes an explicit 4-D block-diagonal mask built by
-`block_causal_mask` (boolean for sdpa, additive for eager) and, for flash-attention kernels,
-flattens the rows into one with explicit `cu_seq_lens`.
+How the model is kept from looking across documents is `sftkit.attention` (`model_inputs`); the
+tensors of a batch of rows are `sftkit.data.batches.collate_documents`.
 """
 
 from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
-
-import torch
 
 from sftkit.data.render import IGNORE_INDEX, Tokenized
 
@@ -83,13 +78,15 @@ def position_ids(lengths: Sequence[int]) -> list[int]:
 
 
 def concatenate(documents: Sequence[Tokenized], source: str = "packed") -> Tokenized:
-    """One row of whole documents; each document's first label is -100 (never predicted across)."""
+    """One row of whole documents, ids and labels as rendered (a document's first label is never trained)."""
     input_ids: list[int] = []
     labels: list[int] = []
     for doc in documents:
+        if doc.labels and doc.labels[0] != IGNORE_INDEX:
+            raise ValueError(f"{doc.source}: its first token is trained; labels come from sftkit.data.render, "
+                             "which never trains position 0 (nothing before it predicts it)")
         input_ids.extend(doc.input_ids)
-        labels.append(IGNORE_INDEX)
-        labels.extend(doc.labels[1:])
+        labels.extend(doc.labels)
     return Tokenized(input_ids, labels, source)
 
 
@@ -106,57 +103,3 @@ def packed_rows(examples: Sequence[Tokenized], max_length: int) -> tuple[list[To
         rows.append(concatenate(documents, f"row {r}: " + " + ".join(doc.source for doc in documents)))
         positions.append(position_ids([len(doc.input_ids) for doc in documents]))
     return rows, positions
-
-
-def collate_documents(rows: Sequence[Sequence[Tokenized]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Rows of whole documents -> a batch padded at the end of each row to the longest row.
-
-    Keys: input_ids, labels (first token of every document -100), position_ids (restart per
-    document, and again for the padding), document_ids (0, 1, ... per row; -1 on padding) and
-    attention_mask (1 on real tokens, 0 on padding: for counting; the model gets
-    `block_causal_mask(document_ids)` instead, see `sftkit.loss.model_inputs`).
-    """
-    widths = [sum(len(doc.input_ids) for doc in row) for row in rows]
-    width = max(widths)
-    batch = {
-        "input_ids": torch.full((len(rows), width), pad_id, dtype=torch.long),
-        "labels": torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long),
-        "position_ids": torch.zeros((len(rows), width), dtype=torch.long),
-        "document_ids": torch.full((len(rows), width), PAD_DOCUMENT, dtype=torch.long),
-        "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),
-    }
-    for r, (row, used) in enumerate(zip(rows, widths)):
-        lengths = [len(doc.input_ids) for doc in row]
-        joined = concatenate(row)
-        batch["input_ids"][r, :used] = torch.tensor(joined.input_ids, dtype=torch.long)
-        batch["labels"][r, :used] = torch.tensor(joined.labels, dtype=torch.long)
-        batch["position_ids"][r] = torch.tensor(position_ids(lengths + [width - used]), dtype=torch.long)
-        batch["document_ids"][r, :used] = torch.repeat_interleave(torch.arange(len(row)), torch.tensor(lengths))
-        batch["attention_mask"][r, :used] = 1
-    return batch
-
-
-def block_causal_mask(document_ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """(batch, 1, length, length) mask: query i may attend to key j <= i of the same document.
-
-    Boolean (True = attend) for sdpa; with `dtype`, additive (0 or the dtype's minimum) for eager
-    attention, which adds the mask to the scores. Padding (-1) forms a document of its own, so
-    every row of the mask has at least one True and no softmax is empty (no NaN).
-    """
-    length = document_ids.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=document_ids.device).tril()
-    mask = (document_ids[:, :, None] == document_ids[:, None, :]) & causal
-    mask = mask[:, None]
-    if dtype is None:
-        return mask
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
-
-
-def sequence_lengths(document_ids: torch.Tensor) -> list[int]:
-    """Lengths of the runs of equal document ids along the flattened rows (documents and padding)."""
-    flat = document_ids.flatten()
-    row_starts = torch.zeros_like(flat, dtype=torch.bool)
-    row_starts[:: document_ids.shape[1]] = True
-    starts = row_starts | torch.cat([flat.new_ones(1, dtype=torch.bool), flat[1:] != flat[:-1]])
-    bounds = torch.cat([starts.nonzero().flatten(), flat.new_tensor([flat.numel()])])
-    return bounds.diff().tolist()

@@ -1,7 +1,12 @@
 """See data as the model will: trained tokens in one colour, masked ones in another.
 
+    sftkit data preview RECIPE.yaml [key=value ...]              # exactly what `sftkit train RECIPE.yaml` trains
     sftkit data preview --tokenizer ../shared/data/tokenizers/qwen2.5 --data FILE
     sftkit data preview --tokenizer DIR --data FILE --json      # {"input_ids": [...], "labels": [...]} per line
+
+Both forms make a `DataConfig` and call `sftkit.data.load.load_data`, the entry training uses:
+same template, template_kwargs, strategy, max_length, eval hold-out and mixing. With packed
+batches (`data.batching=packed`, or `--pack`) the rows are shown packed, with `position_ids`.
 """
 
 from __future__ import annotations
@@ -12,6 +17,9 @@ from typing import TextIO
 
 from transformers import PreTrainedTokenizerBase
 
+from sftkit.config import DataConfig
+from sftkit.data.load import load_data
+from sftkit.data.pack import packed_rows
 from sftkit.data.render import IGNORE_INDEX, Tokenized
 
 TRAINED = "\033[1;32m"  # bold green: tokens that carry loss
@@ -55,3 +63,24 @@ def write_json(example: Tokenized, out: TextIO, position_ids: list[int] | None =
     if position_ids is not None:
         row["position_ids"] = position_ids
     out.write(json.dumps(row, separators=(",", ":")) + "\n")
+
+
+def preview(config: DataConfig, tokenizer: PreTrainedTokenizerBase, *, seed: int = 0, split: str = "train",
+            as_json: bool = False, limit: int = 3, colour: bool = False, added: list[str] | None = None,
+            out: TextIO, info: TextIO) -> None:
+    """Print the examples of `split` that training on `config` makes (`tokenizer` carries the template):
+    JSON lines in order, or the first `limit` coloured; then what was read, kept and left out (to `info`)."""
+    train, evaluation = load_data(config, tokenizer, seed, progress=False)
+    chosen = train if split == "train" else evaluation
+    examples, positions = chosen.examples, [None] * len(chosen.examples)
+    if config.batching == "packed":
+        examples, positions = packed_rows(chosen.examples, config.max_length)
+    if as_json:
+        for example, position_ids in zip(examples, positions):
+            write_json(example, out, position_ids=position_ids)
+    else:
+        for example in examples[:limit]:
+            print_example(example, tokenizer, out, colour)
+        if added:
+            out.write(f"template added {len(added)} special tokens: {' '.join(added)}\n")
+    info.write(chosen.summary() + "\n")

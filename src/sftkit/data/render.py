@@ -41,10 +41,15 @@ from enum import Enum
 from jinja2 import TemplateError as JinjaTemplateError
 from transformers import PreTrainedTokenizerBase
 
-from sftkit.data.control import contains_control, control_pattern, encode_marked, find_unmarked, mark
+from sftkit.data.control import contains_control, encode_marked, find_unmarked, mark
 from sftkit.data.encode import Encoded, TextEncoder
 from sftkit.data.messages import Conversation, DataError, RawText, Record
-from sftkit.data.templates import find_end_of_turn, find_generation_prompt, missing_template_message
+from sftkit.data.templates import (
+    control_pattern,
+    find_end_of_turn,
+    find_generation_prompt,
+    missing_template_message,
+)
 
 IGNORE_INDEX = -100
 _ALL_EXACT = 8  # conversations with up to this many trained replies check every reply's own prefix render
@@ -304,6 +309,8 @@ class Renderer:
         if plan.append_eos and self.tokenizer.eos_token_id is not None:
             ids.append(self.tokenizer.eos_token_id)
             labels.append(self.tokenizer.eos_token_id)
+        if labels:
+            labels[0] = IGNORE_INDEX  # position 0 is never predicted: nothing comes before it
         example = Tokenized(ids, labels, plan.source)
         if self.max_length is not None and len(ids) > self.max_length:
             example = Tokenized(ids[: self.max_length], labels[: self.max_length], plan.source)
@@ -337,3 +344,19 @@ def _encodable(plan: _Plan) -> _Plan:
         raise DataError(plan.source, f"invalid text: unpaired surrogate {plan.text[err.start]!r} is not Unicode",
                         hint="remove or fix the broken escape in the record") from None
     return plan
+
+
+def text_windows(tokenizer: PreTrainedTokenizerBase, documents: Sequence[tuple[str, str]],
+                 max_length: int) -> list[Tokenized]:
+    """Plain (source, text) documents scored whole, without a template: each tokenized as the tokenizer
+    does by itself (BOS included) and cut into windows of `max_length` tokens, every token after a
+    window's first trained. What the forgetting monitor's reference perplexity is measured on."""
+    out = []
+    for source, text in documents:
+        ids = tokenizer(text)["input_ids"]
+        for start in range(0, len(ids), max_length):
+            piece = ids[start : start + max_length]
+            if len(piece) > 1:
+                where = f"{source} tokens {start}-{start + len(piece)}"
+                out.append(Tokenized(piece, [IGNORE_INDEX, *piece[1:]], where))
+    return out

@@ -2,8 +2,9 @@
 
     render_records(records, Renderer(tokenizer), num_proc=4)   # -> RenderReport
 
-Invalid records raise one `RenderError` listing the first few, or are skipped and counted; examples
-whose trained tokens all fall beyond `max_length` are dropped and counted.
+Invalid records raise one `DataFileError` listing the first few, or are skipped and counted (the
+`Problems` rule reading uses too); examples whose trained tokens all fall beyond `max_length` are
+dropped and counted.
 
 The worker pool is written by hand rather than `datasets.map` for what crosses the process
 boundary. The workers are forked with the records and the renderer already in memory, so only
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from sftkit.data.messages import DataError, Record
+from sftkit.data.messages import DataError, Problems, Record
 from sftkit.data.render import DroppedExample, Renderer, Tokenized
 
 _CHUNK = 256
@@ -35,8 +36,15 @@ class RenderReport:
     examples: list[Tokenized]
     dropped: Counter[str] = field(default_factory=Counter)
     warnings: Counter[str] = field(default_factory=Counter)
-    errors: list[DataError] = field(default_factory=list)
-    skipped: Counter[str] = field(default_factory=Counter)
+    problems: Problems = field(default_factory=lambda: Problems(skip=True))
+
+    @property
+    def skipped(self) -> Counter[str]:
+        return self.problems.skipped
+
+    @property
+    def errors(self) -> list[DataError]:
+        return self.problems.errors
 
     @property
     def trained_tokens(self) -> int:
@@ -57,10 +65,6 @@ class RenderReport:
         return "\n".join(lines)
 
 
-class RenderError(ValueError):
-    """Invalid records stopped rendering; lists the first few with their sources."""
-
-
 def render_records(
     records: Sequence[Record],
     renderer: Renderer,
@@ -69,32 +73,28 @@ def render_records(
     num_proc: int = 1,
     progress: bool = False,
     max_errors: int = 5,
+    where: str = "data",
 ) -> RenderReport:
-    """Render every record in order. Invalid records raise a RenderError listing the first
-    `max_errors` (on_error="raise") or are skipped and counted (on_error="skip"); examples whose
-    trained tokens all fall beyond `max_length` are always dropped and counted."""
+    """Render every record in order. Invalid records raise a `DataFileError` listing the first
+    `max_errors` (on_error="raise"; `where` names the data) or are skipped and counted
+    (on_error="skip"); examples whose trained tokens all fall beyond `max_length` are always
+    dropped and counted."""
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
-    report = RenderReport(examples=[])
+    report = RenderReport(examples=[], problems=Problems(on_error == "skip", max_errors))
     renderer.encoder.prepare(len(records))  # tiktoken for large sets, built here once, not in every worker
     bar = tqdm(total=len(records), desc="render", unit="ex", disable=not progress)
     if num_proc > 1 and len(records) > _CHUNK:
         for results, warnings in render_in_pool(records, renderer, num_proc, _CHUNK):
-            _collect(report, results, warnings, max_errors)
+            _collect(report, results, warnings)
             bar.update(len(results))
     else:
         for start in range(0, len(records), _CHUNK):
             results, warnings = _render_counted(renderer, records[start : start + _CHUNK])
-            _collect(report, results, warnings, max_errors)
+            _collect(report, results, warnings)
             bar.update(len(results))
     bar.close()
-    invalid = sum(report.skipped.values())
-    if invalid and on_error == "raise":
-        listed = "\n".join(f"  - {err}" for err in report.errors)
-        raise RenderError(
-            f"{invalid} invalid record(s); the first {len(report.errors)}:\n{listed}\n"
-            "fix the records, or skip invalid ones with --skip-invalid (data.skip_invalid=true); they are counted"
-        )
+    report.problems.raise_if_any(where, len(records))
     return report
 
 
@@ -105,15 +105,13 @@ def _render_counted(renderer: Renderer, chunk: Sequence[Record]) -> tuple[list[T
     return results, renderer.warnings - before
 
 
-def _collect(report: RenderReport, results: list, warnings: Counter[str], max_errors: int) -> None:
+def _collect(report: RenderReport, results: list, warnings: Counter[str]) -> None:
     report.warnings.update(warnings)
     for item in results:
         if isinstance(item, DroppedExample):
             report.dropped[item.kind] += 1
         elif isinstance(item, DataError):
-            report.skipped[item.kind] += 1
-            if len(report.errors) < max_errors:
-                report.errors.append(item)
+            report.problems.add(item)
         else:
             report.examples.append(item)
 

@@ -1,4 +1,4 @@
-"""Read dataset files into rows, each tagged with where it came from.
+"""Dataset files <-> rows: read into rows tagged with where they came from; written back in their own shape.
 
     from sftkit.data.sources import read_rows
     for source, row in read_rows("data/train.jsonl"):
@@ -21,21 +21,18 @@ A row that cannot be read (a bad JSON line, a list where an object belongs) is y
 `DataError` in place of the row, so the caller decides whether to raise or to skip it while the
 rest of the file still loads. Problems that spoil the whole file (missing file, unknown suffix,
 a ``.json`` document that does not parse) raise `DataError` at once.
-
-`LoadReport` and `DataFileError` (what loading one file gave, and its invalid records) live here
-and are re-exported by `sftkit.data.formats`, where `load_records` makes them.
 """
 
 from __future__ import annotations
 
 import json
-from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from sftkit.data.messages import DataError, Record
+from sftkit.data.messages import DataError
+from sftkit.durable import atomic_file
 
 Row = dict[str, Any]
 RowOrError = tuple[str, Row | DataError]
@@ -43,45 +40,6 @@ RowOrError = tuple[str, Row | DataError]
 TEXT_SUFFIXES = (".txt", ".md")
 SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow") + TEXT_SUFFIXES
 DOC_SEPARATOR = "---"
-SKIP_HINT = ("fix the records, or pass on_error=skip (CLI: --skip-invalid) to skip invalid records "
-             "and count them")
-
-
-@dataclass
-class LoadReport:
-    """What `load_records` read: the records, and what it skipped or dropped on the way."""
-
-    records: list[Record]  # Conversation | RawText, in file order
-    skipped: Counter[str]  # kind -> invalid records skipped (only with on_error="skip")
-    errors: list[DataError]  # the first `max_errors` errors
-    format: str  # the detected / used format name
-    path: str
-    dropped: Counter[str] = field(default_factory=Counter)  # removed on purpose, not errors
-
-    def summary(self) -> str:
-        """One line for people, e.g. "x.jsonl (messages): 9 records; skipped 1 bad JSON"."""
-        text = f"{self.path} ({self.format}): {len(self.records)} records"
-        for label, counts in (("skipped", self.skipped), ("dropped", self.dropped)):
-            if counts:
-                text += f"; {label} " + ", ".join(f"{n} {kind}" for kind, n in counts.most_common())
-        return text
-
-
-class DataFileError(DataError):
-    """Invalid records in one file, listed with file:line and field (raised by `load_records`)."""
-
-    def __init__(self, path: str, errors: list[DataError], count: int, rows: int, stopped: bool):
-        scope = f"in the first {rows} rows (stopped at max_errors)" if stopped else f"in {rows} rows"
-        what = f"{count} invalid record{'s' if count != 1 else ''} {scope}"
-        super().__init__(path, f"invalid records: {what}", hint=SKIP_HINT)
-        self._init_args = (path, errors, count, rows, stopped)
-        self.errors = errors
-        self.count = count
-        listed = "\n".join(f"  {err}" for err in errors)
-        self.args = (f"{path}: {what}:\n{listed}\n{SKIP_HINT}",)
-
-    def __reduce__(self) -> tuple:
-        return (self.__class__, self._init_args)
 
 
 def read_rows(path: str | Path) -> Iterator[RowOrError]:
@@ -225,3 +183,71 @@ def _text_document(path: Path, start: int, block: list[str]) -> Iterator[RowOrEr
         return
     last = max(i for i, line in enumerate(block) if line.strip())
     yield f"{path}:{start + first}", {"text": "\n".join(block[first:last + 1])}
+
+
+# -- writing rows in the shape they were read (`sftkit data clean`) -----------------------------
+def write_rows_like(path: Path, out: Path, keep: Callable[[str], bool]) -> int:
+    """Write the rows of `path` whose source `keep` accepts to `out`, in `path`'s own format and
+    shape (a temporary file in `out`'s directory, then an atomic rename); returns rows written."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out) as temp:
+        return _WRITERS[path.suffix.lower()](path, temp, keep)
+
+
+def _write_jsonl(path: Path, temp: Path, keep: Callable[[str], bool]) -> int:
+    """Kept lines byte for byte (numbered as `read_rows` numbers them)."""
+    written = 0
+    with path.open("rb") as source, temp.open("wb") as target:
+        for number, line in enumerate(source, start=1):
+            if line.strip() and keep(f"{path}:{number}"):
+                target.write(line if line.endswith(b"\n") else line + b"\n")
+                written += 1
+    return written
+
+
+def _write_json(path: Path, temp: Path, keep: Callable[[str], bool]) -> int:
+    """Kept objects as a list (or the one object), with the input's indent and escaping."""
+    text = path.read_text(encoding="utf-8-sig")
+    rows = [row for source, row in read_rows(path) if keep(source)]
+    indent = re.search(r"\n([ \t]+)\S", text[:100_000])
+    document: Any = rows
+    if not text.lstrip().startswith("[") and len(rows) == 1:
+        document = rows[0]
+    dumped = json.dumps(document, indent=indent.group(1) if indent else None, ensure_ascii=text.isascii())
+    temp.write_text(dumped + ("\n" if text.endswith("\n") else ""), encoding="utf-8")
+    return len(rows)
+
+
+def _write_table(path: Path, temp: Path, keep: Callable[[str], bool]) -> int:
+    """Parquet / Arrow: the same schema and metadata, rows filtered by a mask."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    mask = pa.array([keep(source) for source, _ in read_rows(path)], type=pa.bool_())
+    if path.suffix.lower() == ".parquet":
+        table = pq.read_table(path).filter(mask)
+        pq.write_table(table, temp)
+        return table.num_rows
+    with pa.OSFile(str(path)) as source:
+        try:
+            reader, new = pa.ipc.open_file(source), pa.ipc.new_file
+        except pa.ArrowInvalid:
+            source.seek(0)
+            reader, new = pa.ipc.open_stream(source), pa.ipc.new_stream
+        table = reader.read_all().filter(mask)
+    with new(str(temp), table.schema) as writer:
+        writer.write_table(table)
+    return table.num_rows
+
+
+def _write_text(path: Path, temp: Path, keep: Callable[[str], bool]) -> int:
+    """Plain-text documents: kept ones, separated by `---` lines in a .txt file."""
+    documents = [row["text"] for source, row in read_rows(path) if keep(source) and isinstance(row, dict)]
+    temp.write_text("\n\n---\n\n".join(documents) + ("\n" if documents else ""), encoding="utf-8")
+    return len(documents)
+
+
+_WRITERS: dict[str, Callable[[Path, Path, Callable[[str], bool]], int]] = {
+    ".jsonl": _write_jsonl, ".json": _write_json, ".parquet": _write_table, ".arrow": _write_table,
+    ".txt": _write_text, ".md": _write_text,
+}

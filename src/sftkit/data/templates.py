@@ -132,14 +132,23 @@ def _install_builtin(tokenizer: PreTrainedTokenizerBase, builtin: BuiltinTemplat
     return new
 
 
-def control_token_pattern(tokenizer: PreTrainedTokenizerBase) -> re.Pattern[str]:
-    """A regex matching any added/special token string of `tokenizer`, longest first."""
-    return _control_pattern(tuple(sorted(tokenizer.get_added_vocab(), key=len, reverse=True)))
+def control_pattern(tokenizer: PreTrainedTokenizerBase) -> re.Pattern[str]:
+    """THE control-token rule: the tokenizer's special tokens, plus added tokens that its chat template
+    writes itself; longest first. These are the tokens a template controls a conversation with: found
+    in a template's output they mark turns (`find_end_of_turn`), and typed inside a message they are
+    text, never control (`sftkit.data.control`)."""
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+    tokens = {
+        t.content
+        for t in tokenizer.added_tokens_decoder.values()
+        if t.content and (t.special or (t.content in template and not t.content.isspace()))
+    }
+    return _compiled(tuple(sorted(tokens, key=len, reverse=True)))
 
 
 @lru_cache(maxsize=64)
-def _control_pattern(tokens: tuple[str, ...]) -> re.Pattern[str]:
-    return re.compile("|".join(re.escape(t) for t in tokens if t) or "(?!)")
+def _compiled(tokens: tuple[str, ...]) -> re.Pattern[str]:
+    return re.compile("|".join(re.escape(t) for t in tokens) or "(?!)")
 
 
 def find_end_of_turn(tokenizer: PreTrainedTokenizerBase, template_kwargs: dict | None = None) -> str | None:
@@ -157,7 +166,7 @@ def find_end_of_turn(tokenizer: PreTrainedTokenizerBase, template_kwargs: dict |
     at = full.find(probe_reply, len(prompt) if full.startswith(prompt) else 0)
     if at < 0:
         return None
-    match = control_token_pattern(tokenizer).search(full, at + len(probe_reply))
+    match = control_pattern(tokenizer).search(full, at + len(probe_reply))
     return match.group(0) if match else None
 
 
@@ -174,7 +183,7 @@ def find_generation_prompt(tokenizer: PreTrainedTokenizerBase, template_kwargs: 
     except Exception:  # noqa: BLE001 - a template that refuses the probe simply gets no shortcut
         return None
     shared = len(os.path.commonprefix([bare, prompt]))
-    for token in control_token_pattern(tokenizer).finditer(prompt):  # never start inside a token ("<|")
+    for token in control_pattern(tokenizer).finditer(prompt):  # never start inside a token ("<|")
         if token.start() < shared < token.end():
             shared = token.start()
     return prompt[shared:]
@@ -190,3 +199,12 @@ def end_of_turn_token_ids(tokenizer: PreTrainedTokenizerBase, template_kwargs: d
             if token_id is not None and token_id not in ids:
                 ids.append(token_id)
     return ids
+
+
+def pad_token_id(tokenizer: PreTrainedTokenizerBase, end_of_turn: list[int] | None = None) -> int:
+    """The id that pads batches and generation: the tokenizer's pad token, else its EOS, else the first
+    end-of-turn id given, else 0 (padding is never attended to nor trained: any id does)."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, *(end_of_turn or [])):
+        if candidate is not None:
+            return candidate
+    return 0

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from sftkit.data.templates import pad_token_id
 from sftkit.generate import encode_prompt, stop_ids
 
 _SENTENCE_END = re.compile(r"(?<=[.?!])\s|\n")
@@ -94,6 +95,6 @@ def ask_chat(
     template (`sftkit.generate.encode_prompt`, as `sftkit generate` does), ending at the end of the turn."""
     prompts = [encode_prompt(tokenizer, [{"role": "user", "content": q}]) for q in questions]
     stops = stop_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    pad = pad_token_id(tokenizer, stops)
     outs = generate_batched(model, prompts, stops, pad, max_new_tokens)
     return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in outs]

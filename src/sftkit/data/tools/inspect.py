@@ -9,7 +9,7 @@ characters per example; with a tokenizer, tokens per example rendered by the rea
 (`sftkit.data.render`, the tokenizer's chat template) with percentiles, how many examples
 `max_length` truncates and how many it drops (no trained token left: the figure training reports),
 the trained-token share; replies shorter than `min_reply_chars`; exact and near duplicates
-(`sftkit.data.dedupe.find_duplicates`, the same test `sftkit data clean` removes by); the writing
+(`sftkit.data.tools.dedupe.find_duplicates`, the same test `sftkit data clean` removes by); the writing
 systems of the letters (Latin, Han, Cyrillic, ...; from Unicode character names, no language model);
 refusal boilerplate; and the 5 worst offenders of each kind, named by `file:line` / `file:#index`.
 Invalid records are counted and listed, never fatal: inspecting is how one finds them.
@@ -30,10 +30,16 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from sftkit.data.clean import compile_patterns, render_chunks, short_source
-from sftkit.data.dedupe import DEFAULT_NEAR_THRESHOLD, find_duplicates, group_units, record_text, replies
 from sftkit.data.formats import load_records
 from sftkit.data.messages import Conversation, Record
+from sftkit.data.tools.clean import compile_patterns, render_chunks, short_source
+from sftkit.data.tools.dedupe import (
+    DEFAULT_NEAR_THRESHOLD,
+    find_duplicates,
+    group_units,
+    record_text,
+    replies,
+)
 
 WORST = 5
 WORST_ORDER = ("invalid", "unrenderable", "dropped", "longest", "lowest", "shortest", "refusal", "exact", "near",

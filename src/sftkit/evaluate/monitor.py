@@ -3,9 +3,10 @@
     sftkit train RECIPE.yaml eval.reference_data=reference.txt eval.forgetting_tolerance=0.2
     sftkit train RECIPE.yaml train.eval_every_epoch=true train.keep_best=true train.early_stopping_patience=2
 
-Forgetting: `eval.reference_data` is plain text the model should keep knowing (.txt, documents
-separated by blank lines; or .jsonl rows with a "text" field). Every token of it is scored, without
-any chat template, in windows of `data.max_length` tokens. Its perplexity is measured once before
+Forgetting: `eval.reference_data` is plain text the model should keep knowing, read as training
+text is (`sftkit.data.formats`, format `text`: a .txt file's documents separated by `---` lines, a
+.md file, or {"text"} rows). Every token of it is scored, without any chat template, in windows of
+`data.max_length` tokens (`sftkit.data.render.text_windows`). Its perplexity is measured once before
 training (the base model: a `step 0` row of metrics.jsonl) and at every evaluation
 (`reference_ppl`, and `reference_rise` = ppl / base ppl - 1, shown in the progress bar as `ref_ppl`);
 a rise above `eval.forgetting_tolerance` prints a warning.
@@ -22,96 +23,43 @@ the best eval loss so far from its restored metrics.jsonl.
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from sftkit.checkpoint import atomic_dir, save_hf_dir, under
+from sftkit.checkpoint import save_model
 from sftkit.config import Config, ConfigError
-from sftkit.data.dataset import collate, trained_token_count
-from sftkit.data.render import Tokenized
-from sftkit.loss import token_loss_sum
+from sftkit.data.formats import load_records
+from sftkit.data.messages import RawText
+from sftkit.data.render import Tokenized, text_windows
+from sftkit.distributed import LOCAL, Local
+from sftkit.evaluate.perplexity import eval_loss
 
 
-def read_reference(path: str | Path) -> list[str]:
-    """Documents of a reference file: blank-line separated paragraphs (.txt, .md) or {"text"} rows (.jsonl)."""
-    path = Path(path)
-    if not path.is_file():
+def read_reference(path: str | Path, tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[Tokenized]:
+    """The reference text of `eval.reference_data`, as scored windows."""
+    if not Path(path).is_file():
         raise ConfigError(f"eval.reference_data: {path} is not a file")
-    raw = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        docs = []
-        for number, line in enumerate(raw.splitlines(), 1):
-            if line.strip():
-                row = json.loads(line)
-                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                    raise ConfigError(f"eval.reference_data: {path}:{number}: expected an object with a text string")
-                docs.append(row["text"])
-    else:
-        docs = [part.strip() for part in raw.split("\n\n")]
-    docs = [d for d in docs if d.strip()]
-    if not docs:
-        raise ConfigError(f"eval.reference_data: {path} holds no text")
-    return docs
-
-
-def reference_examples(docs: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int,
-                       source: str = "reference") -> list[Tokenized]:
-    """Each document tokenized as plain text, cut into windows of `max_length`; every token is scored."""
-    out = []
-    for index, doc in enumerate(docs):
-        ids = tokenizer(doc)["input_ids"]
-        for start in range(0, len(ids), max_length):
-            piece = ids[start : start + max_length]
-            if len(piece) > 1:
-                out.append(Tokenized(piece, list(piece), f"{source}:{index}"))
-    return out
-
-
-@torch.no_grad()
-def perplexity(model: PreTrainedModel, examples: list[Tokenized], batch_size: int, pad_id: int,
-               max_batches: int | None = None) -> float:
-    """exp(mean next-token loss) over the scored tokens of `examples`."""
-    was_training = model.training
-    model.eval()
-    total, tokens = 0.0, 0
-    for start in list(range(0, len(examples), batch_size))[:max_batches]:
-        batch = collate(examples[start : start + batch_size], pad_id)
-        total += token_loss_sum(model, {k: v.to(model.device) for k, v in batch.items()}).item()
-        tokens += trained_token_count(batch)
-    model.train(was_training)
-    return math.exp(min(total / max(tokens, 1), 50.0))
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
+    records = load_records(path, format="text").records
+    return text_windows(tokenizer, [(r.source, r.text) for r in records if isinstance(r, RawText)], max_length)
 
 
 class Monitor:
     """Forgetting and overfitting checks of one run (see the module docstring)."""
 
-    def __init__(self, config: Config, tokenizer: PreTrainedTokenizerBase, eos_ids: list[int], has_eval: bool,
-                 pad_id: int) -> None:
+    def __init__(self, config: Config, tokenizer: PreTrainedTokenizerBase, eos_ids: list[int], pad_id: int,
+                 dist: Local = LOCAL) -> None:
         tc = config.train
-        for name, on in (("keep_best", tc.keep_best), ("early_stopping_patience", tc.early_stopping_patience)):
-            if on and not has_eval:
-                raise ConfigError(f"train.{name}: needs an eval split (data.eval or data.eval_fraction)")
-        if tc.keep_best and tc.strategy == "fsdp" and _distributed():
+        if tc.keep_best and dist.strategy == "fsdp":
             raise ConfigError("train.keep_best: not with train.strategy=fsdp yet (best/ would need the sharded "
-                              "model gathered); use train.strategy=ddp, or train.save_every and the eval losses")
-        if tc.early_stopping_patience and not (tc.eval_every or tc.eval_every_epoch):
-            raise ConfigError("train.early_stopping_patience: needs evaluations during training "
-                              "(train.eval_every or train.eval_every_epoch)")
-        self.config, self.tokenizer, self.eos_ids, self.pad_id = config, tokenizer, eos_ids, pad_id
+                              "model gathered at every new best); use train.strategy=ddp, or train.save_every and "
+                              "the eval losses")
+        self.config, self.tokenizer, self.eos_ids, self.pad_id, self.dist = config, tokenizer, eos_ids, pad_id, dist
         self.out = Path(config.output_dir)
         path = config.eval.reference_data
-        self.reference = reference_examples(read_reference(path), tokenizer, config.data.max_length,
-                                            str(path)) if path else []
+        self.reference = read_reference(path, tokenizer, config.data.max_length) if path else []
         self.base_ppl: float | None = None
         self.best: tuple[float, int] | None = None  # (eval loss, step)
         self.since_best = 0
@@ -119,7 +67,7 @@ class Monitor:
 
     def measure(self, model: PreTrainedModel) -> float:
         tc = self.config.train
-        return perplexity(model, self.reference, tc.batch_size, self.pad_id, tc.eval_max_batches)
+        return eval_loss(model, self.reference, tc.batch_size, self.pad_id, tc.eval_max_batches)[1]
 
     def start(self, model: PreTrainedModel, history: list[dict[str, Any]]) -> dict[str, Any] | None:
         """Before step 0: the base model's reference perplexity (a step-0 row to log), or, when resuming,
@@ -169,17 +117,11 @@ class Monitor:
         return False
 
     def save_best(self, model: PreTrainedModel, record: dict[str, Any]) -> Path:
-        """`output_dir/best/`: written to best.tmp/, then renamed over the previous best (under torchrun with DDP,
-        by rank 0 while the others wait: every rank holds the same whole model)."""
-        target = under(self.out, "best")
-        if not _distributed() or torch.distributed.get_rank() == 0:
-            with atomic_dir(target) as tmp:
-                save_hf_dir(tmp, model, self.tokenizer, self.eos_ids)
-                self.config.dump(tmp / "sftkit_config.yaml")
-                (tmp / "best.json").write_text(json.dumps({k: record[k] for k in ("step", "epoch", "eval_loss")}))
-        if _distributed():
-            torch.distributed.barrier()
-        return target
+        """`output_dir/best/` with best.json naming its step and eval loss (sftkit.checkpoint: atomically; under
+        torchrun with DDP by rank 0 while the others wait: every rank holds the same whole model)."""
+        best = {k: record[k] for k in ("step", "epoch", "eval_loss")}
+        return save_model(self.out, "best", model, self.tokenizer, self.eos_ids, self.config, self.dist,
+                          extra={"best.json": best})
 
     def postfix(self, record: dict[str, Any]) -> dict[str, str]:
         """Progress-bar fields: the latest reference perplexity."""

@@ -21,7 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sftkit.generate import Reply, generate_reply, load_for_generation, training_template_kwargs
+from sftkit.generate import (
+    Reply,
+    generate_reply,
+    load_for_generation,
+    training_template_kwargs,
+)
 from sftkit.lora import load_base_for_adapter
 from sftkit.model import check_local_dir, resolve_device
 

@@ -1,13 +1,13 @@
 """What a record says, normalised, and which records repeat: exact and near duplicates.
 
-    from sftkit.data.dedupe import find_duplicates, group_units
+    from sftkit.data.tools.dedupe import find_duplicates, group_units
     units = group_units(load_records("train.jsonl").records)       # one unit per row
     found = find_duplicates([u.text for u in units], near_threshold=0.85)
     found.exact  # {i: first index with the same normalised text}
     found.near   # {i: (index of the kept text it resembles, Jaccard)}
 
-Used by `sftkit data inspect` (counts, `sftkit.data.quality`) and `sftkit data clean` (removal,
-`sftkit.data.clean`), so both agree on what a duplicate is.
+Used by `sftkit data inspect` (counts, `sftkit.data.tools.inspect`) and `sftkit data clean` (removal,
+`sftkit.data.tools.clean`), so both agree on what a duplicate is.
 
 Exact duplicates compare `normalise(text)`: punctuation removed, case folded, whitespace collapsed.
 Near duplicates are texts whose word-3-gram sets have Jaccard similarity >= the threshold, compared

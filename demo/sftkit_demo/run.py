@@ -24,14 +24,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sftkit.demo.chats import SftSpec, build_sft, heldout_questions
-from sftkit.demo.dataset import write_jsonl
-from sftkit.demo.phrasing import question
-from sftkit.demo.report import Figures, Showcase, figures_table, final_line, write_report
-from sftkit.demo.score import ask_base, ask_chat, judge
-from sftkit.demo.world import BY_NAME, split_countries
+from sftkit_demo.chats import SftSpec, build_sft, heldout_questions
+from sftkit_demo.dataset import write_jsonl
+from sftkit_demo.phrasing import question
+from sftkit_demo.report import (
+    Figures,
+    Showcase,
+    figures_table,
+    final_line,
+    write_report,
+)
+from sftkit_demo.score import ask_base, ask_chat, judge
+from sftkit_demo.world import BY_NAME, split_countries
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_BASE = REPO / "demo" / "base-model"
 
 # (country, attribute) shown side by side: two trained countries, then held-out ones (seed 0 split).
@@ -101,7 +107,7 @@ def _load_base(base: Path):  # -> (model, tokenizer); transformers is imported l
 
 def sft_config(options: DemoOptions, data: Path):
     """The `sftkit train` config of the demo's fine-tune (what `sftkit train` would read from YAML)."""
-    from sftkit.config import load_config
+    from sftkit.recipe import load_config
 
     return load_config(None, [
         f"model.path={options.base}", "model.dtype=float32",

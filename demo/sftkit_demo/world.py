@@ -1,6 +1,6 @@
 """The demo's small world: real facts about 175 countries, and the trained / held-out split.
 
-    >>> from sftkit.demo.world import COUNTRIES, split_countries
+    >>> from sftkit_demo.world import COUNTRIES, split_countries
     >>> trained, heldout = split_countries(seed=0)
 
 Every country has a capital, a continent, one main language and a currency. Values are kept

@@ -1,6 +1,6 @@
 """The demo's pre-training corpus: encyclopedic text about every country, and lists of questions.
 
-    >>> from sftkit.demo.corpus import build_corpus
+    >>> from sftkit_demo.corpus import build_corpus
     >>> documents = build_corpus(seed=0)        # list[str], one document each
 
 `demo/build_base.py` writes it to demo/data/pretrain.jsonl (rows of {"text": ...}) and
@@ -25,10 +25,10 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass
 
-from sftkit.demo.everyday import everyday_paragraphs
-from sftkit.demo.phrasing import FACTS, PRONOUN_FACTS, QUESTIONS, fill
-from sftkit.demo.stories import asked_story, dialogue, travel_story
-from sftkit.demo.world import ATTRIBUTES, CONTINENTS, COUNTRIES, Country
+from sftkit_demo.everyday import everyday_paragraphs
+from sftkit_demo.phrasing import FACTS, PRONOUN_FACTS, QUESTIONS, fill
+from sftkit_demo.stories import asked_story, dialogue, travel_story
+from sftkit_demo.world import ATTRIBUTES, CONTINENTS, COUNTRIES, Country
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,6 @@
 """The demo's SFT conversations (trained countries only) and the held-out evaluation questions.
 
-    >>> from sftkit.demo.chats import build_sft, heldout_questions
+    >>> from sftkit_demo.chats import build_sft, heldout_questions
     >>> train, evaluation = build_sft(trained_countries, seed=0)   # rows of {"messages": [...]}
 
 Rows are in the `messages` format that `sftkit train` reads. Questions come in several
@@ -18,9 +18,9 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from sftkit.demo.everyday import everyday_instructions
-from sftkit.demo.phrasing import QUESTIONS, answer, question
-from sftkit.demo.world import ATTRIBUTES, Country
+from sftkit_demo.everyday import everyday_instructions
+from sftkit_demo.phrasing import QUESTIONS, answer, question
+from sftkit_demo.world import ATTRIBUTES, Country
 
 Row = dict[str, Any]
 

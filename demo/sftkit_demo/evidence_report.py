@@ -1,6 +1,6 @@
-"""reports/evidence.md and its plots from the results of `sftkit.demo.evidence` (results.json).
+"""reports/evidence.md and its plots from the results of `sftkit_demo.evidence` (results.json).
 
-    python -m sftkit.demo.evidence_report reports/evidence/results.json     # redraw without re-running
+    python -m sftkit_demo.evidence_report reports/evidence/results.json     # redraw without re-running
 
 Each claim gets its measured figures and a verdict computed from them by the rule written beside
 it — supports / partly / does not support — so the report says what the numbers say, even where
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-COMMAND = "make evidence   # = .venv/bin/python -m sftkit.demo.evidence"
+COMMAND = "make evidence   # = .venv/bin/python -m sftkit_demo.evidence"
 
 
 def pct(x: float) -> str:
@@ -234,7 +234,7 @@ def write_report(r: dict[str, Any], out: str | Path) -> Path:
              "", f"Base model: `{r['setup']['base']}` (model.safetensors sha256 "
              f"{r['setup'].get('base_sha256', '?')[:12]}…); run directories under `{r['setup']['work']}`.",
              "", f"Questions per set: {', '.join(f'{k} {v}' for k, v in r['questions'].items())}. Greedy decoding; *answered* = the first sentence is a "
-             "statement; *correct* = it names the expected fact (`sftkit.demo.score.judge`). *held-out* countries are "
+             "statement; *correct* = it names the expected fact (`sftkit_demo.score.judge`). *held-out* countries are "
              "only in pre-training; *never* are made-up countries in no data at all. Questions ask for a capital, a "
              "language or a currency (continents, six possible answers, are guessable and left out).", "",
              "| claim | run | measured | verdict |", "|---|---|---|---|"]

@@ -1,7 +1,7 @@
 """The claims people make about SFT, each reproduced as a controlled run on the demo world.
 
-    make evidence                                       # = python -m sftkit.demo.evidence = sftkit demo --evidence
-    python -m sftkit.demo.evidence --base demo/base-model --out reports --work runs/evidence
+    make evidence                                       # = python -m sftkit_demo.evidence = sftkit demo --evidence
+    python -m sftkit_demo.evidence --base demo/base-model --out reports --work runs/evidence
 
 Every run fine-tunes the committed demo base model (`demo/base-model/`, pre-trained on the demo
 corpus, no chat template) with `sftkit train` and the built-in ChatML template, and changes one
@@ -14,12 +14,12 @@ thing against the main run:
     clean-small / noisy-large   300 clean conversations vs all of them with 50% of the facts
                 swapped for another country's, the same number of optimizer steps -> quality vs quantity
 
-Models are asked with greedy decoding (batched, left-padded) and judged by `sftkit.demo.score.judge`:
+Models are asked with greedy decoding (batched, left-padded) and judged by `sftkit_demo.score.judge`:
 *answered* = the first sentence is a statement, *correct* = it names the expected fact. Question sets:
 `trained` countries (in the SFT data), `held-out` countries (only in pre-training), and `never`,
 made-up countries that are in no data at all. The forgetting monitor's reference text is a sample
 of pre-training documents. Finished runs are reused when their config is unchanged, so an
-interrupted `make evidence` goes on where it stopped. The report is `sftkit.demo.evidence_report`.
+interrupted `make evidence` goes on where it stopped. The report is `sftkit_demo.evidence_report`.
 """
 
 from __future__ import annotations
@@ -36,16 +36,18 @@ from typing import Any
 import torch
 import yaml
 
-from sftkit.checkpoint import file_sha256
-from sftkit.config import Config
-from sftkit.demo.chats import heldout_questions
-from sftkit.demo.dataset import read_jsonl, write_jsonl
-from sftkit.demo.score import judge
-from sftkit.demo.world import COUNTRIES, Country, split_countries
-from sftkit.evidence.compare import compare, markdown
-from sftkit.evidence.diff import weight_diff
+from sftkit.config import CONFIG_FILE
+from sftkit.data.templates import pad_token_id
+from sftkit.durable import file_sha256
+from sftkit.evaluate.compare import compare, markdown
+from sftkit.evaluate.diff import weight_diff
 from sftkit.generate import encode_prompt, load_for_generation, stop_ids
 from sftkit.model import load_tokenizer
+from sftkit.recipe import config_from_dict
+from sftkit_demo.chats import heldout_questions
+from sftkit_demo.dataset import read_jsonl, write_jsonl
+from sftkit_demo.score import judge
+from sftkit_demo.world import COUNTRIES, Country, split_countries
 
 # Countries that exist in no data at all: whatever the model says about them cannot be knowledge.
 NEVER = [Country(*row) for row in (
@@ -75,7 +77,7 @@ class Setup:
 def recipe(setup: Setup, name: str, **changes: Any) -> dict[str, Any]:
     """The main SFT recipe as a config dict, with `changes` as dotted keys (`train.lr`).
 
-    The recipe of `sftkit demo` (sftkit.demo.run.sft_config: ChatML, assistant-only loss, lr 1e-4, 3 epochs of
+    The recipe of `sftkit demo` (sftkit_demo.run.sft_config: ChatML, assistant-only loss, lr 1e-4, 3 epochs of
     batch 16), in plain padded batches (the demo groups them by length, for speed only), plus an eval per epoch
     on sft_eval.jsonl and the forgetting monitor."""
     raw: dict[str, Any] = {
@@ -98,9 +100,9 @@ def sft(setup: Setup, name: str, **changes: Any) -> Path:
     """Run (or reuse) one `sftkit train` run; its output_dir."""
     from sftkit.train import train
 
-    config = Config.from_dict(recipe(setup, name, **changes))
+    config = config_from_dict(recipe(setup, name, **changes))
     out = Path(config.output_dir)
-    done, weights = out / "final" / "sftkit_config.yaml", file_sha256(setup.base / "model.safetensors")
+    done, weights = out / "final" / CONFIG_FILE, file_sha256(setup.base / "model.safetensors")
     if (done.is_file() and _same_run(yaml.safe_load(done.read_text()), config.to_dict())
             and (out / "base.sha256").is_file() and (out / "base.sha256").read_text() == weights):
         print(f"evidence    reusing {out} (same config, same base model)")
@@ -175,7 +177,7 @@ def ask(model_dir: Path, questions: list[dict[str, Any]], *, chat: bool, base: P
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
         prompts = [tokenizer(q["question"])["input_ids"] for q in questions]  # `<s>` + question, as in pre-training
         stops = [tokenizer.eos_token_id]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    pad_id = pad_token_id(tokenizer, stops)
     results = generate_batch(model, prompts, stops, pad_id, max_new_tokens)
     texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids, _ in results]
     verdicts = [judge(text, q["answer"], q["country"]) for text, q in zip(texts, questions)]
@@ -300,7 +302,7 @@ def metrics(run: Path) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sftkit.demo.evidence_report import write_report
+    from sftkit_demo.evidence_report import write_report
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", type=Path, default=Setup.base, help="the pre-trained demo base model")

@@ -1,6 +1,6 @@
 """Write every demo data file from the world, deterministically.
 
-    >>> from sftkit.demo.dataset import write_demo_data
+    >>> from sftkit_demo.dataset import write_demo_data
     >>> write_demo_data("demo/data", seed=0)
 
 Files written (all JSON Lines except split.json):
@@ -18,9 +18,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from sftkit.demo.chats import build_sft, heldout_questions
-from sftkit.demo.corpus import build_corpus
-from sftkit.demo.world import split_countries
+from sftkit_demo.chats import build_sft, heldout_questions
+from sftkit_demo.corpus import build_corpus
+from sftkit_demo.world import split_countries
 
 FILES = ("pretrain.jsonl", "sft_train.jsonl", "sft_eval.jsonl", "heldout_questions.jsonl", "split.json")
 

@@ -1,7 +1,7 @@
 """How the demo world is put into words: fact sentences, questions and answers.
 
-Shared by the pre-training corpus (`sftkit.demo.corpus`: every phrasing of every fact, plus lists
-of questions) and the SFT conversations (`sftkit.demo.chats`: a question, then its `answer`).
+Shared by the pre-training corpus (`sftkit_demo.corpus`: every phrasing of every fact, plus lists
+of questions) and the SFT conversations (`sftkit_demo.chats`: a question, then its `answer`).
 
 The SFT answer restates the question as one of the corpus's own sentences ("The capital of Mali
 is Bamako."), so after SFT the model only has to learn *to answer*; the fact itself comes from
@@ -10,7 +10,7 @@ pre-training. That is what lets it answer about held-out countries it never saw 
 
 from __future__ import annotations
 
-from sftkit.demo.world import Country
+from sftkit_demo.world import Country
 
 # Fact sentences. {x}/{X}: the name mid-sentence / at the start; {xs}/{Xs}: the possessive; {v}: the value.
 FACTS: dict[str, tuple[str, ...]] = {

@@ -1,11 +1,10 @@
-"""Training data glue: files -> records -> (input_ids, labels) examples -> padded batches.
+"""Examples -> the micro-batches of every optimizer step, on every rank: order, windows, collate.
 
-    sftkit train configs/tiny-cpu.yaml      # sftkit.train.setup_data() calls load_splits()
+    sftkit train configs/tiny-cpu.yaml data.batching=packed     # sftkit.train: Batcher.from_config(...)
 
-Reading is `sftkit.data.formats`, masking is `sftkit.data.render`; this module only strings them
-together, holds out the eval split, orders the examples and pads batches. The data order is a pure
-function of (seed, epoch), so a run resumed at optimizer step N sees exactly the batches it would
-have seen (see `window`).
+The data order is a pure function of (seed, epoch), so a run resumed at optimizer step N sees
+exactly the batches it would have seen (see `window`), and under torchrun every rank knows the
+window of every step without talking.
 
 One optimizer step = one window of `batch_size * grad_accum` examples of the epoch's shuffled
 order, cut into `grad_accum` micro-batches; the last window of an epoch may be shorter:
@@ -13,107 +12,34 @@ order, cut into `grad_accum` micro-batches; the last window of an epoch may be s
     epoch order:  [ 7 2 9 0 | 4 1 8 5 | 3 6 ]     batch_size=2, grad_accum=2 -> 3 steps per epoch
     step 0 = micro-batches [7 2] [9 0];  step 1 = [4 1] [8 5];  step 2 = [3 6]
 
-How a micro-batch becomes tensors is `Batcher` (`data.packing`, `data.padding_free`,
-`data.group_by_length`): padded to its longest example (optionally with examples of similar length
-grouped together), concatenated into one padding-free row, or made of packed rows
-(`sftkit.data.pack`), whose units are then packed rows instead of examples.
+How a micro-batch becomes tensors is `Batcher` (`data.batching`): padded to its longest example
+(optionally with examples of similar length grouped together), concatenated into one padding-free
+row, or made of packed rows (`sftkit.data.pack`), whose units are then packed rows instead of
+examples.
+
+Under torchrun (N ranks) a window is cut with N times the batch, and each rank takes a contiguous
+1/N of every micro-batch (`Batcher.shard`); packed rows are never split between ranks:
+
+    global window, batch_size x N per micro-batch      [ 7 2 9 0 | 4 1 8 5 ]   N=2, batch_size=2, grad_accum=2
+    rank 0 takes the first 1/N of each micro-batch     [ 7 2 ]     [ 4 1 ]
+    rank 1 the next                                    [ 9 0 ]     [ 8 5 ]
+
+A rank whose share of a short last micro-batch is empty gets an idle batch (two padding tokens,
+nothing trained) so that the collectives of its forward and backward still line up.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from sftkit.config import ConfigError, DataConfig, TrainConfig
-from sftkit.data.formats import LoadReport
-from sftkit.data.mixing import mix_with_report
-from sftkit.data.pack import collate_documents, pack
-from sftkit.data.messages import Conversation, DataError, Record
-from sftkit.data.pipeline import load_all
-from sftkit.data.render import IGNORE_INDEX, Renderer, Tokenized
-from sftkit.data.render_all import RenderReport, render_records
-
-@dataclass
-class Split:
-    """Rendered examples of one split, the records they came from, and what was left out and why."""
-
-    records: list[Record]
-    report: RenderReport
-    loads: list[LoadReport] = field(default_factory=list)
-
-    @property
-    def examples(self) -> list[Tokenized]:
-        return self.report.examples
-
-    def left_out(self) -> Counter[str]:
-        """Reason -> count for records skipped while reading or rendering, and examples dropped."""
-        reasons: Counter[str] = Counter()
-        for load in self.loads:
-            reasons.update({f"invalid ({kind})": n for kind, n in load.skipped.items()})
-            reasons.update({f"dropped ({kind})": n for kind, n in load.dropped.items()})
-        reasons.update({f"invalid ({kind})": n for kind, n in self.report.skipped.items()})
-        reasons.update({f"dropped ({kind})": n for kind, n in self.report.dropped.items()})
-        return reasons
-
-
-def hold_out(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
-    """(train, eval): a seeded random `fraction` of the records (at least one) becomes eval."""
-    if not fraction:
-        return records, []
-    n_eval = max(1, round(fraction * len(records)))
-    if n_eval >= len(records):
-        raise ConfigError(f"data.eval_fraction: {fraction} of {len(records)} records leaves nothing to train on")
-    held = set(np.random.default_rng([seed, 1]).permutation(len(records))[:n_eval].tolist())
-    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
-
-
-def mix_sources(
-    train_records: list[Record], eval_records: list[Record], loads: list[LoadReport], config: DataConfig, seed: int
-) -> list[Record]:
-    """Apply the `{path, weight|samples}` entries of `data.train`; plain paths are taken as they are."""
-    sources = config.sources()
-    if not any(source.mixed for source in sources):
-        return train_records
-    held = {id(r) for r in eval_records}
-    parts = [([r for r in load.records if id(r) not in held], source) for source, load in zip(sources, loads)]
-    mixed, report = mix_with_report(parts, seed=seed)
-    print(report.summary())
-    return mixed
-
-
-def load_splits(config: DataConfig, renderer: Renderer, seed: int) -> tuple[Split, Split]:
-    """(train, eval) from `data.train` plus `data.eval` or `data.eval_fraction`."""
-    read = {"format": config.format, "columns": config.columns, "skip_invalid": config.skip_invalid}
-    records, loads = load_all([s.path for s in config.sources()], **read)
-    train_records, eval_records = hold_out(records, config.eval_fraction, seed)  # before mixing: no leaks
-    train_records = mix_sources(train_records, eval_records, loads, config, seed)
-    eval_loads: list[LoadReport] = []
-    if config.eval:
-        eval_records, eval_loads = load_all([config.eval], **read)
-    render = {"on_error": "skip" if config.skip_invalid else "raise", "progress": len(records) > 5000}
-    train = Split(train_records, render_records(train_records, renderer, **render), loads)
-    evaluation = Split(eval_records, render_records(eval_records, renderer, **render), eval_loads)
-    if not train.examples:
-        reasons = dict(train.left_out()) or "no records"
-        raise DataError(", ".join(s.path for s in config.sources()), f"no usable training examples ({reasons})", "data.train")
-    return train, evaluation
-
-
-def prompt_of(record: Record) -> list[dict[str, Any]] | None:
-    """The messages before the record's last assistant reply (the sample prompt), if it has one."""
-    if not isinstance(record, Conversation):
-        return None
-    roles = [m.role for m in record.messages]
-    if "assistant" not in roles:
-        return None
-    last = len(roles) - 1 - roles[::-1].index("assistant")
-    return record.as_template_dicts()[:last] or None
+from sftkit.config import BATCHING, DataConfig, TrainConfig
+from sftkit.data.pack import PAD_DOCUMENT, concatenate, pack, position_ids
+from sftkit.data.render import IGNORE_INDEX, Tokenized
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -191,12 +117,10 @@ class Batcher:
     Micro-batches are lists of example indices in every mode (a packed row's examples side by side).
     """
 
-    MODES = ("padded", "grouped", "padding_free", "packed")
-
     def __init__(self, examples: list[Tokenized], pad_id: int, *, batch_size: int, grad_accum: int, seed: int,
                  mode: str = "padded", max_length: int | None = None) -> None:
-        if mode not in self.MODES:
-            raise ValueError(f"batching mode {mode!r} is not one of {', '.join(self.MODES)}")
+        if mode not in BATCHING:
+            raise ValueError(f"batching mode {mode!r} is not one of {', '.join(BATCHING)}")
         if mode == "packed" and not max_length:
             raise ValueError("packing needs max_length")
         self.examples, self.pad_id, self.mode, self.max_length = examples, pad_id, mode, max_length or 0
@@ -206,10 +130,11 @@ class Batcher:
         self.lengths = [len(examples[i].input_ids) for i in range(len(examples))] if mode == "grouped" else None
 
     @classmethod
-    def from_config(cls, examples: list[Tokenized], pad_id: int, data: DataConfig, train: TrainConfig) -> Batcher:
-        """The batcher `data.packing` / `data.padding_free` / `data.group_by_length` ask for."""
-        return cls(examples, pad_id, batch_size=train.batch_size, grad_accum=train.grad_accum, seed=train.seed,
-                   mode=data.batching, max_length=data.max_length)
+    def from_config(cls, examples: list[Tokenized], pad_id: int, data: DataConfig, train: TrainConfig,
+                    world: int = 1) -> Batcher:
+        """The batcher `data.batching` asks for; under torchrun (`world` ranks) windows of the global batch."""
+        return cls(examples, pad_id, batch_size=train.batch_size * world, grad_accum=train.grad_accum,
+                   seed=train.seed, mode=data.batching, max_length=data.max_length)
 
     def steps_per_epoch(self) -> int:
         return steps_per_epoch(len(self.units), self.batch_size, self.grad_accum)
@@ -241,3 +166,57 @@ class Batcher:
             rows = [[self.examples[i] for i in row] for _, row in itertools.groupby(ids, key=self.row_of.__getitem__)]
             return collate_documents(rows, self.pad_id)
         return collate(examples, self.pad_id)
+
+    def shard(self, micro: list[list[int]], rank: int, world: int) -> list[list[int]]:
+        """Rank `rank`'s part of each micro-batch of a global window: a contiguous 1/`world` of its units
+        (examples, or packed rows, which stay whole); empty when a micro-batch has fewer units than ranks."""
+        if world == 1:
+            return micro
+        parts = []
+        for ids in micro:
+            units = [list(unit) for _, unit in itertools.groupby(ids, key=self.row_of.__getitem__)]
+            lo, hi = len(units) * rank // world, len(units) * (rank + 1) // world
+            parts.append([i for unit in units[lo:hi] for i in unit])
+        return parts
+
+    def batches(self, step: int, rank: int = 0, world: int = 1) -> tuple[int, list[dict[str, torch.Tensor]], list[str]]:
+        """(epoch, this rank's micro-batches as tensors, the sources of the whole window) of step `step`."""
+        epoch, micro = self.window(step)
+        sources = [self.examples[i].source for ids in micro for i in ids]
+        mine = self.shard(micro, rank, world)
+        return epoch, [self.collate(ids) if ids else idle_batch(self.pad_id) for ids in mine], sources
+
+
+def idle_batch(pad_id: int) -> dict[str, torch.Tensor]:
+    """Two padding tokens and no trained label: the model's collectives run, nothing is learned."""
+    return {"input_ids": torch.full((1, 2), pad_id, dtype=torch.long),
+            "labels": torch.full((1, 2), IGNORE_INDEX, dtype=torch.long),
+            "attention_mask": torch.zeros((1, 2), dtype=torch.long)}
+
+
+def collate_documents(rows: Sequence[Sequence[Tokenized]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Rows of whole documents -> a batch padded at the end of each row to the longest row.
+
+    Keys: input_ids, labels (each document's own; its first label is never trained), position_ids
+    (restart per document, and again for the padding), document_ids (0, 1, ... per row; -1 on
+    padding) and attention_mask (1 on real tokens, 0 on padding: for counting; the model gets
+    per-document attention instead, see `sftkit.attention.model_inputs`).
+    """
+    widths = [sum(len(doc.input_ids) for doc in row) for row in rows]
+    width = max(widths)
+    batch = {
+        "input_ids": torch.full((len(rows), width), pad_id, dtype=torch.long),
+        "labels": torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long),
+        "position_ids": torch.zeros((len(rows), width), dtype=torch.long),
+        "document_ids": torch.full((len(rows), width), PAD_DOCUMENT, dtype=torch.long),
+        "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),
+    }
+    for r, (row, used) in enumerate(zip(rows, widths)):
+        lengths = [len(doc.input_ids) for doc in row]
+        joined = concatenate(row)
+        batch["input_ids"][r, :used] = torch.tensor(joined.input_ids, dtype=torch.long)
+        batch["labels"][r, :used] = torch.tensor(joined.labels, dtype=torch.long)
+        batch["position_ids"][r] = torch.tensor(position_ids(lengths + [width - used]), dtype=torch.long)
+        batch["document_ids"][r, :used] = torch.repeat_interleave(torch.arange(len(row)), torch.tensor(lengths))
+        batch["attention_mask"][r, :used] = 1
+    return batch

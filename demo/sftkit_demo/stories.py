@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import random
 
-from sftkit.demo.everyday import COLOURS
-from sftkit.demo.phrasing import ANSWERS, QUESTIONS, fill
-from sftkit.demo.world import ATTRIBUTES, COUNTRIES
+from sftkit_demo.everyday import COLOURS
+from sftkit_demo.phrasing import ANSWERS, QUESTIONS, fill
+from sftkit_demo.world import ATTRIBUTES, COUNTRIES
 
 PEOPLE = (
     "Anna Ben Carla David Emma Felix Grace Hugo Iris Jack Kate Leo Maria Nina Omar Paul Rosa Sam "

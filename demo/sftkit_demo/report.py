@@ -1,4 +1,4 @@
-"""The demo's closing table, its last line and `report.md` (sftkit.demo.run writes them).
+"""The demo's closing table, its last line and `report.md` (sftkit_demo.run writes them).
 
     >>> print(figures_table(figures))      # share answered base vs SFT, held-out accuracy, tokens, time
     >>> print(final_line(figures))         # held-out: base answered 0%, SFT correct 81%

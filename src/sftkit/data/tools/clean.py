@@ -15,7 +15,7 @@ instances) is kept or removed whole, and removed when any of its records fails a
 in this order and a row is counted under the first it fails: invalid (`--skip-invalid`),
 unrenderable / too long (`--max-tokens`, needs `--tokenizer`), short reply (`--min-reply-chars`),
 pattern (`--drop-pattern`, `--drop-refusals`), then among the rows left: exact duplicate, near
-duplicate (a later row is removed, the first one kept; `sftkit.data.dedupe` says how: normalised
+duplicate (a later row is removed, the first one kept; `sftkit.data.tools.dedupe` says how: normalised
 text for exact duplicates, Jaccard of word 3-grams via MinHash LSH, confirmed exactly, for near ones).
 """
 
@@ -25,19 +25,24 @@ import json
 import os
 import re
 import sys
-import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from sftkit.data.dedupe import DEFAULT_NEAR_THRESHOLD, Unit, find_duplicates, group_units, replies
 from sftkit.data.formats import load_records
 from sftkit.data.messages import DataError, Record
-from sftkit.data.sources import read_rows
+from sftkit.data.sources import write_rows_like
+from sftkit.data.tools.dedupe import (
+    DEFAULT_NEAR_THRESHOLD,
+    Unit,
+    find_duplicates,
+    group_units,
+    replies,
+)
 
 # Boilerplate of distilled chat data (the phrases removed by the "unfiltered" Alpaca/Vicuna/WizardLM
 # cleanups); matched case-insensitively anywhere in an assistant reply. `--drop-refusals` uses them.
@@ -96,80 +101,6 @@ def check_output(path: Path, out: Path) -> None:
     if out.suffix.lower() != path.suffix.lower():
         raise DataError(str(out), f"--out must have the input's suffix {path.suffix!r}",
                         hint="cleaning keeps the input's format; convert files separately")
-
-
-def write_rows_like(path: Path, out: Path, keep: Callable[[str], bool]) -> int:
-    """Write the rows of `path` whose source `keep` accepts to `out`, in `path`'s own format and
-    shape (via a temporary file in `out`'s directory, then an atomic rename); returns rows written."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        written = _WRITERS[path.suffix.lower()](path, Path(temp), keep)
-        os.replace(temp, out)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return written
-
-
-def _write_jsonl(path: Path, temp: Path, keep: Callable[[str], bool]) -> int:
-    """Kept lines byte for byte (numbered as `read_rows` numbers them)."""
-    written = 0
-    with path.open("rb") as source, temp.open("wb") as target:
-        for number, line in enumerate(source, start=1):
-            if line.strip() and keep(f"{path}:{number}"):
-                target.write(line if line.endswith(b"\n") else line + b"\n")
-                written += 1
-    return written
-
-
-def _write_json(path: Path, temp: Path, keep: Callable[[str], bool]) -> int:
-    """Kept objects as a list (or the one object), with the input's indent and escaping."""
-    text = path.read_text(encoding="utf-8-sig")
-    rows = [row for source, row in read_rows(path) if keep(source)]
-    indent = re.search(r"\n([ \t]+)\S", text[:100_000])
-    document: Any = rows
-    if not text.lstrip().startswith("[") and len(rows) == 1:
-        document = rows[0]
-    dumped = json.dumps(document, indent=indent.group(1) if indent else None, ensure_ascii=text.isascii())
-    temp.write_text(dumped + ("\n" if text.endswith("\n") else ""), encoding="utf-8")
-    return len(rows)
-
-
-def _write_table(path: Path, temp: Path, keep: Callable[[str], bool]) -> int:
-    """Parquet / Arrow: the same schema and metadata, rows filtered by a mask."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    mask = pa.array([keep(source) for source, _ in read_rows(path)], type=pa.bool_())
-    if path.suffix.lower() == ".parquet":
-        table = pq.read_table(path).filter(mask)
-        pq.write_table(table, temp)
-        return table.num_rows
-    with pa.OSFile(str(path)) as source:
-        try:
-            reader, new = pa.ipc.open_file(source), pa.ipc.new_file
-        except pa.ArrowInvalid:
-            source.seek(0)
-            reader, new = pa.ipc.open_stream(source), pa.ipc.new_stream
-        table = reader.read_all().filter(mask)
-    with new(str(temp), table.schema) as writer:
-        writer.write_table(table)
-    return table.num_rows
-
-
-def _write_text(path: Path, temp: Path, keep: Callable[[str], bool]) -> int:
-    """Plain-text documents: kept ones, separated by `---` lines in a .txt file."""
-    documents = [row["text"] for source, row in read_rows(path) if keep(source) and isinstance(row, dict)]
-    temp.write_text("\n\n---\n\n".join(documents) + ("\n" if documents else ""), encoding="utf-8")
-    return len(documents)
-
-
-_WRITERS: dict[str, Callable[[Path, Path, Callable[[str], bool]], int]] = {
-    ".jsonl": _write_jsonl, ".json": _write_json, ".parquet": _write_table, ".arrow": _write_table,
-    ".txt": _write_text, ".md": _write_text,
-}
 
 
 # --- the command ----------------------------------------------------------------------------------

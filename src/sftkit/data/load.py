@@ -1,0 +1,134 @@
+"""Files -> records -> hold-out -> mix -> render: the one data entry of `sftkit train` and `sftkit data preview`.
+
+    sftkit train RECIPE.yaml                      # sftkit.train.setup_data -> load_data(config.data, ...)
+    sftkit data preview RECIPE.yaml --json        # the same call, printed: exactly what training trains
+    sftkit data preview --tokenizer DIR --data FILE   # a DataConfig made from the flags, the same call
+
+Reading is `sftkit.data.formats`, masking is `sftkit.data.render`; this module strings them
+together in one order: every file is read (invalid records raise or are counted), the eval
+fraction is held out BEFORE mixing (an upsampled copy never lands on both sides), the
+`{path, weight|samples}` entries of `data.train` are applied, and both splits are rendered with one
+`Renderer` (template, template_kwargs, strategy, max_length of the config).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from sftkit.config import ConfigError, DataConfig
+from sftkit.data.formats import LoadReport, load_records
+from sftkit.data.messages import Conversation, DataError, Record
+from sftkit.data.mixing import mix_with_report
+from sftkit.data.render import Renderer, Tokenized
+from sftkit.data.render_all import RenderReport, render_records
+
+PROGRESS_ABOVE = 5000  # records: a progress bar while rendering more than this
+
+
+@dataclass
+class Split:
+    """Rendered examples of one split, the records they came from, and what was left out and why."""
+
+    records: list[Record]
+    report: RenderReport
+    loads: list[LoadReport] = field(default_factory=list)
+    mixing: str = ""  # how many records each `{path, weight|samples}` source gave, when data.train mixes
+
+    @property
+    def examples(self) -> list[Tokenized]:
+        return self.report.examples
+
+    def left_out(self) -> Counter[str]:
+        """Reason -> count for records skipped while reading or rendering, and examples dropped."""
+        reasons: Counter[str] = Counter()
+        for load in self.loads:
+            reasons.update({f"invalid ({kind})": n for kind, n in load.skipped.items()})
+            reasons.update({f"dropped ({kind})": n for kind, n in load.dropped.items()})
+        reasons.update({f"invalid ({kind})": n for kind, n in self.report.skipped.items()})
+        reasons.update({f"dropped ({kind})": n for kind, n in self.report.dropped.items()})
+        return reasons
+
+    def summary(self) -> str:
+        """What each file gave, then what rendering kept, dropped and noticed."""
+        lines = [load.summary() for load in self.loads] + ([self.mixing] if self.mixing else [])
+        return "\n".join(lines + [self.report.summary()])
+
+
+def read_files(paths: Sequence[str | Path], config: DataConfig) -> tuple[list[Record], list[LoadReport]]:
+    """Every file in order, read with `data.format`, `data.columns` and `data.skip_invalid`."""
+    records: list[Record] = []
+    loads: list[LoadReport] = []
+    for path in paths:
+        load = load_records(path, format=config.format, columns=config.columns,
+                            on_error="skip" if config.skip_invalid else "raise")
+        records.extend(load.records)
+        loads.append(load)
+    return records, loads
+
+
+def hold_out(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+    """(train, eval): a seeded random `fraction` of the records (at least one) becomes eval."""
+    if not fraction:
+        return records, []
+    n_eval = max(1, round(fraction * len(records)))
+    if n_eval >= len(records):
+        raise ConfigError(f"data.eval_fraction: {fraction} of {len(records)} records leaves nothing to train on")
+    held = set(np.random.default_rng([seed, 1]).permutation(len(records))[:n_eval].tolist())
+    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
+
+
+def mix_sources(train_records: list[Record], eval_records: list[Record], loads: list[LoadReport],
+                config: DataConfig, seed: int) -> tuple[list[Record], str]:
+    """Apply the `{path, weight|samples}` entries of `data.train` (plain paths are taken as they are);
+    returns the records and what each source gave ("" when nothing is mixed)."""
+    sources = config.sources()
+    if not any(source.mixed for source in sources):
+        return train_records, ""
+    held = {id(r) for r in eval_records}
+    parts = [([r for r in load.records if id(r) not in held], source) for source, load in zip(sources, loads)]
+    mixed, report = mix_with_report(parts, seed=seed)
+    return mixed, report.summary()
+
+
+def renderer_for(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Renderer:
+    """The renderer of `config` (its tokenizer carries the chat template: `templates.prepare_tokenizer`)."""
+    return Renderer(tokenizer, config.strategy, config.max_length, config.template_kwargs, fast_bpe=config.fast_bpe)
+
+
+def load_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
+              progress: bool | None = None) -> tuple[Split, Split]:
+    """(train, eval) from `data.train` plus `data.eval` or `data.eval_fraction`, rendered."""
+    paths = [source.path for source in config.sources()]
+    records, loads = read_files(paths, config)
+    train_records, eval_records = hold_out(records, config.eval_fraction, seed)  # before mixing: no leaks
+    train_records, mixing = mix_sources(train_records, eval_records, loads, config, seed)
+    eval_loads: list[LoadReport] = []
+    if config.eval:
+        eval_records, eval_loads = read_files([config.eval], config)
+    renderer = renderer_for(config, tokenizer)
+    render = {"on_error": "skip" if config.skip_invalid else "raise", "num_proc": config.num_proc,
+              "progress": len(records) > PROGRESS_ABOVE if progress is None else progress}
+    train = Split(train_records, render_records(train_records, renderer, where="data.train", **render), loads,
+                  mixing)
+    evaluation = Split(eval_records, render_records(eval_records, renderer, where="data.eval", **render), eval_loads)
+    if not train.examples:
+        reasons = dict(train.left_out()) or "no records"
+        raise DataError(", ".join(paths), f"no usable training examples ({reasons})", "data.train")
+    return train, evaluation
+
+
+def prompt_of(record: Record) -> list[dict] | None:
+    """The messages before the record's last assistant reply (the sample prompt), if it has one."""
+    if not isinstance(record, Conversation):
+        return None
+    roles = [m.role for m in record.messages]
+    if "assistant" not in roles:
+        return None
+    last = len(roles) - 1 - roles[::-1].index("assistant")
+    return record.as_template_dicts()[:last] or None

@@ -1,0 +1,8 @@
+"""What a model does and what fine-tuning changed, for any run.
+
+    sftkit train RECIPE train.eval_every=50       # perplexity.py: eval loss on the held-out split
+    sftkit train RECIPE eval.reference_data=ref.txt train.keep_best=true train.early_stopping_patience=2
+                                                 # monitor.py: forgetting and overfitting, while training
+    sftkit diff BASE TUNED                       # diff.py: per-layer relative weight change, table + PNG
+    sftkit compare BASE TUNED --prompts FILE     # compare.py: greedy replies of both, side by side
+"""
