@@ -2,7 +2,10 @@
 
     sftkit train configs/tiny-cpu.yaml                     # Ctrl-C or `kill PID` (SIGTERM): a checkpoint at
                                                            # the end of the optimizer step, the resume
-                                                           # command printed, exit status 130 / 143
+                                                           # command printed and written to
+                                                           # output_dir/STOPPED, exit status 130 / 143
+    sftkit train configs/tiny-cpu.yaml 2>&1 | tee log      # the same when Ctrl-C also kills `tee`: output
+                                                           # to a closed pipe is dropped, never an error
     sftkit train configs/tiny-cpu.yaml train.on_nan=skip   # skip (and count) a batch whose loss or gradient
                                                            # norm is NaN/inf instead of stopping the run
 
@@ -10,6 +13,12 @@ Used by `sftkit.train.train`: `check_output_dir` before anything is loaded (a pr
 written, fsynced and removed), `low_disk_warning` once the model is known, `StopSignals` around the
 run and `NanGuard.check` between the backward pass and the optimizer step. A SIGKILL cannot be
 caught; `sftkit.checkpoint` makes sure it never leaves a checkpoint that resume would trust.
+
+While `StopSignals` is active, sys.stdout and sys.stderr are `ClosedPipeSafe`: a write to a pipe
+whose reader has gone (Ctrl-C kills `tee` too; `| head` has read enough) points that stream at
+/dev/null instead of raising, so printing can never fail a save or change the exit status. The
+signal handler itself prints through neither (a buffered write interrupted by a signal cannot be
+re-entered): it writes one line straight to file descriptor 2.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import contextlib
 import errno
 import math
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -25,23 +35,27 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TextIO
 
 import torch
 
 from sftkit.config import CONFIG_FILE, TrainConfig
+from sftkit.durable import atomic_file
 
 MAX_SOURCES_SHOWN = 8
+STOPPED_FILE = "STOPPED"
+"""Written into output_dir when a signal stops a run: the step, the checkpoint and the command to resume."""
 
 
-def resume_command(output_dir: str | Path) -> str:
+def resume_command(output_dir: str | Path, nproc: int = 1) -> str:
     """The command that resumes the run in `output_dir` (its resolved config holds every override)."""
-    return f"sftkit train {Path(output_dir) / CONFIG_FILE} train.resume=true"
+    launcher = f"--nproc {nproc} " if nproc > 1 else ""
+    return f"sftkit train {launcher}{shlex.quote(str(Path(output_dir) / CONFIG_FILE))} train.resume=true"
 
 
-def resume_advice(output_dir: str | Path) -> str:
+def resume_advice(output_dir: str | Path, nproc: int = 1) -> str:
     return (f"resume with `sftkit train CONFIG [your overrides] train.resume=true`, "
-            f"e.g. `{resume_command(output_dir)}`")
+            f"e.g. `{resume_command(output_dir, nproc)}`")
 
 
 # -- graceful stop ------------------------------------------------------------------------------
@@ -62,7 +76,7 @@ class StopSignals:
 
     The loop polls `requested`, writes a checkpoint and calls `stop_training`. A second SIGINT
     (Ctrl-C twice) raises KeyboardInterrupt at once, without a checkpoint. Outside the main thread,
-    where Python cannot install signal handlers, it does nothing.
+    where Python cannot install signal handlers, only the output guard is installed (`ClosedPipeSafe`).
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -70,8 +84,11 @@ class StopSignals:
     def __init__(self) -> None:
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
+        self._streams: tuple[TextIO, TextIO] | None = None
 
     def __enter__(self) -> StopSignals:
+        self._streams = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = ClosedPipeSafe.wrap(sys.stdout), ClosedPipeSafe.wrap(sys.stderr)
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -81,6 +98,11 @@ class StopSignals:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+        if self._streams is not None:
+            for stream in (sys.stdout, sys.stderr):  # what is still buffered, while a closed pipe is harmless
+                stream.flush()
+            sys.stdout, sys.stderr = self._streams
+            self._streams = None
 
     @property
     def requested(self) -> bool:
@@ -90,17 +112,103 @@ class StopSignals:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: stopping at the end of this optimizer step, after a checkpoint "
-              "(Ctrl-C again quits at once, without one)", file=sys.stderr, flush=True)
+        _write_fd(2, f"\n{signal.Signals(signum).name}: stopping at the end of this optimizer step, after a "
+                     "checkpoint (Ctrl-C again quits at once, without one)\n")
+
+
+def _write_fd(fd: int, text: str) -> None:
+    """One unbuffered write that never raises: safe inside a signal handler and towards a closed pipe."""
+    with contextlib.suppress(OSError):
+        os.write(fd, text.encode("utf-8", "replace"))
+
+
+class ClosedPipeSafe:
+    """A text stream whose writes never fail because the reader of its pipe (or its terminal) has gone.
+
+    The first write that meets EPIPE (or EIO, a terminal hung up) redirects the stream's file
+    descriptor to /dev/null, so whatever is still buffered, and everything written after, is
+    dropped quietly, here and in every other object holding the same stream (tqdm, logging).
+    Everything else is the wrapped stream's own (`isatty`, `fileno`, `encoding`, ...).
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    @classmethod
+    def wrap(cls, stream: TextIO) -> TextIO:
+        return stream if stream is None or isinstance(stream, cls) else cls(stream)  # type: ignore[return-value]
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError as err:
+            self._closed(err)
+            return len(text)
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as err:
+            self._closed(err)
+
+    def _closed(self, err: OSError) -> None:
+        """Point the stream at /dev/null when its reader is gone; any other error is the caller's."""
+        if err.errno not in (errno.EPIPE, errno.EIO):
+            raise err
+        try:
+            fd = self._stream.fileno()
+        except (OSError, ValueError):  # no descriptor (an in-memory stream): nothing more to silence
+            return
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, fd)
+        finally:
+            os.close(null)
+        with contextlib.suppress(OSError, ValueError):
+            self._stream.flush()  # the buffered text goes to /dev/null now
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 def stop_training(stop: StopSignals, step: int, checkpoint: Path | None, output_dir: str | Path) -> NoReturn:
-    """Print where the run stopped and how to resume it, then exit with 128 + signal (130 SIGINT, 143 SIGTERM)."""
+    """Say where the run stopped and how to resume it, then exit with 128 + signal (130 SIGINT, 143 SIGTERM).
+
+    Called after the checkpoint is written. The resume command also goes to `output_dir/STOPPED`
+    (the first rank's), so it survives a terminal or a pipe that is gone; printing never fails here.
+    """
     signum = stop.signum if stop.signum is not None else signal.SIGTERM
     name = signal.Signals(signum).name
-    message = f"stopped by {name} after step {step}; checkpoint {checkpoint}\n{resume_advice(output_dir)}"
-    print(message, file=sys.stderr, flush=True)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    written = write_stopped(output_dir, name, step, checkpoint, world) if os.environ.get("RANK", "0") == "0" else None
+    message = (f"stopped by {name} after step {step}; checkpoint {checkpoint}\n{resume_advice(output_dir, world)}"
+               + (f"\n(also written to {written})" if written else ""))
+    try:
+        print(message, file=sys.stderr, flush=True)
+    except OSError:  # outside StopSignals, stderr's reader may be gone: the exit status still says it
+        pass
     raise TrainingStopped(signum, message)
+
+
+def write_stopped(output_dir: str | Path, signal_name: str, step: int, checkpoint: Path | None,
+                  nproc: int = 1) -> Path | None:
+    """`output_dir/STOPPED`: the step, the checkpoint and the exact command to resume (absolute paths, so
+    it runs from any directory); None when it cannot be written (the message on stderr still says it all)."""
+    path = Path(output_dir) / STOPPED_FILE
+    checkpoint_text = str(Path(checkpoint).resolve()) if checkpoint is not None else "none"
+    text = (f"stopped by {signal_name} after step {step}\n"
+            f"checkpoint: {checkpoint_text}\n"
+            f"resume: {resume_command(Path(output_dir).resolve(), nproc)}\n")
+    try:
+        with atomic_file(path) as temp:
+            temp.write_text(text)
+    except OSError:
+        return None
+    return path
 
 
 # -- numerical faults ---------------------------------------------------------------------------
