@@ -86,7 +86,7 @@ def test_checkpoint_contents_manifest_and_pruning(full_run: Path) -> None:
     state = json.loads((step3 / STATE_FILE).read_text())
     # 6 examples, batch 2 -> 3 steps per epoch: after step 3 the next window is epoch 1, window 0
     assert state["step"] == 3
-    assert state["data"] == {"seed": 0, "steps_per_epoch": 3, "epoch": 1, "window": 0, "micro_batch": 0}
+    assert state["data"] == {"seed": 0, "steps_per_epoch": 3, "epoch": 1, "window": 0, "micro_batch": 0, "world": 1}
     assert {"python", "numpy"} <= set(state["rng"]) and set(torch.load(step3 / "rng.pt")) >= {"torch"}
     assert state["interval"]["trained"] > 0  # step 3's loss, not logged yet (log_every=2), travels along
     assert "<|im_start|>" in (step3 / "chat_template.jinja").read_text()

@@ -220,6 +220,7 @@ def test_pretraining_on_raw_text_needs_no_chat_template(tmp_path: Path, capsys: 
 
     chats = write_jsonl(tmp_path / "chats.jsonl", [{"messages": CHAT}])
     recipe["data"] = {"train": str(chats)}
+    recipe["output_dir"] = str(tmp_path / "chat-out")
     (tmp_path / "chat.yaml").write_text(yaml.safe_dump(recipe))
     capsys.readouterr()
     assert main(["train", str(tmp_path / "chat.yaml")]) == 2

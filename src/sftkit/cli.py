@@ -190,6 +190,9 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("train", help="fine-tune a local model from a YAML recipe")
     p.add_argument("--nproc", type=int, metavar="N",
                    help="run N processes on this machine with torchrun (before CONFIG; see train.strategy)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in output_dir (its files are removed first); without it, "
+                        "training into a directory that holds a run is refused (or use train.resume=true)")
     p.add_argument("config", help="YAML recipe, e.g. configs/tiny-cpu.yaml")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-5")
     p.set_defaults(func=_run_train)
@@ -203,8 +206,8 @@ def _run_train(args: argparse.Namespace) -> int:
         from sftkit.distributed import launch
 
         load_config(args.config, args.overrides)  # a bad config fails here, once, not on every rank
-        return launch(args.nproc, [args.config, *args.overrides])
-    train(load_config(args.config, args.overrides))
+        return launch(args.nproc, [*(["--overwrite"] if args.overwrite else []), args.config, *args.overrides])
+    train(load_config(args.config, args.overrides), overwrite=args.overwrite)
     return 0
 
 

@@ -154,7 +154,8 @@ def keep_tied(model: PreTrainedModel, save: list[str]) -> bool:
 
 
 def setup_lora_model(
-    config: Config, device: torch.device, resume_from: Path | None = None
+    config: Config, device: torch.device, resume_from: Path | None = None,
+    prepared: tuple[PreTrainedTokenizerBase, list[str]] | None = None,
 ) -> tuple[peft.PeftModel, PreTrainedTokenizerBase, list[str]]:
     """The base model (4-bit with QLoRA) with trainable adapters; the checkpoint's adapter when resuming.
 
@@ -164,7 +165,7 @@ def setup_lora_model(
     check_quantization(config.lora, device)
     quantization = quantization_config(config.lora, resolve_dtype(config.model.dtype, device))
     model, tokenizer, added = load_model(
-        config.model, template=config.data.template, device=device, quantization=quantization
+        config.model, template=config.data.template, device=device, quantization=quantization, prepared=prepared
     )
     if quantization is not None:  # frozen 4-bit base, norms in fp32, gradient checkpointing
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)

@@ -75,6 +75,19 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> PreT
     return AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=trust_remote_code)
 
 
+def load_prepared_tokenizer(config: ModelConfig, template: str | None = None, path: str | Path | None = None
+                            ) -> tuple[PreTrainedTokenizerBase, list[str]]:
+    """The model directory's tokenizer with the chat template installed, and the tokens that added; checks
+    that the directory has loadable weights first, so a wrong model.path fails before any data is read."""
+    directory = check_local_dir(path or config.path)
+    if not any(directory.glob("*.safetensors")) and not config.allow_pickle:
+        raise ModelError(f"model.path: {directory} has no *.safetensors weights (sftkit loads safetensors only; "
+                         "model.allow_pickle=true also loads pickled .bin weights, which can run code)")
+    tokenizer = load_tokenizer(directory, trust_remote_code=config.trust_remote_code)
+    # No template is needed to pre-train on raw text; rendering a conversation without one says what to do.
+    return tokenizer, prepare_tokenizer(tokenizer, template, required=False)
+
+
 def load_model(
     config: ModelConfig,
     *,
@@ -82,21 +95,18 @@ def load_model(
     device: torch.device | None = None,
     path: str | Path | None = None,
     quantization: Any = None,
+    prepared: tuple[PreTrainedTokenizerBase, list[str]] | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, list[str]]:
     """Tokenizer (with its chat template installed) + model on `device`; returns the newly added tokens.
 
     `path` overrides `config.path` (resuming from a checkpoint directory). `quantization` is a transformers
     quantization config (QLoRA's 4-bit base, see `sftkit.lora`): the weights are quantized as they load
-    straight onto `device`.
+    straight onto `device`. `prepared` is `load_prepared_tokenizer`'s result when the caller already has it
+    (training renders its data with it before the weights load).
     """
     directory = check_local_dir(path or config.path)
     device = device or resolve_device()
-    tokenizer = load_tokenizer(directory, trust_remote_code=config.trust_remote_code)
-    # No template is needed to pre-train on raw text; rendering a conversation without one says what to do.
-    added = prepare_tokenizer(tokenizer, template, required=False)
-    if not any(directory.glob("*.safetensors")) and not config.allow_pickle:
-        raise ModelError(f"model.path: {directory} has no *.safetensors weights (sftkit loads safetensors only; "
-                         "model.allow_pickle=true also loads pickled .bin weights, which can run code)")
+    tokenizer, added = prepared or load_prepared_tokenizer(config, template, path)
     placement = {"quantization_config": quantization, "device_map": str(device)} if quantization else {}
     model = read_weights(directory, resolve_dtype(config.dtype, device), trust_remote_code=config.trust_remote_code,
                          allow_pickle=config.allow_pickle, attn_implementation=config.attn_implementation,

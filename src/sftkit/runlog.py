@@ -2,17 +2,24 @@
 
     sftkit train configs/tiny-cpu.yaml      # output_dir/metrics.jsonl, tb/, loss.png
 
-One line of metrics.jsonl per logged step (`step`, `epoch`, `loss`, `lr`, `tokens`, `tokens_per_s`,
-`input_tokens_per_s`; at evaluations `eval_loss`, `eval_ppl`, `sample` and the monitor's figures).
-Under torchrun only rank 0 writes.
+One line of metrics.jsonl per logged step (`step`, `epoch`, `loss`, `lr`, `grad_norm` (before
+clipping), `tokens`, `tokens_per_s`, `input_tokens_per_s`, `elapsed_s` (training time of the whole
+run, across resumes), `peak_mem_gb` (the accelerator's peak allocation, else the process's peak
+resident memory); at evaluations `eval_loss`, `eval_ppl`, `sample` and the monitor's figures).
+One TensorBoard stream per run: a resumed run purges what the stopped one logged after its
+checkpoint, so no step appears twice. Under torchrun only rank 0 writes.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import resource
+import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import PreTrainedModel
 
 from sftkit.config import Config
@@ -30,6 +37,7 @@ class RunLog:
         self.metrics_file = output_dir / METRICS_FILE
         self.enabled = enabled  # under torchrun: rank 0 only
         self.tb: Any = None
+        self.purge_step: int | None = None  # a resumed run: TensorBoard events from this step on are stale
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -37,7 +45,7 @@ class RunLog:
         if self.tb is None:  # TensorBoard's writer is imported and opened on the first record
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(self.dir / "tb"))
+            self.tb = SummaryWriter(str(self.dir / "tb"), purge_step=self.purge_step)
         with self.metrics_file.open("a") as f:
             f.write(json.dumps(record) + "\n")
         for key, value in record.items():
@@ -80,8 +88,33 @@ class RunLog:
         return self.dir / "loss.png"
 
 
+def peak_memory_gb() -> float:
+    """Peak memory of this process so far: the GPU's allocator peak under CUDA, else the peak resident set."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return round(peak / (2**30 if sys.platform == "darwin" else 2**20), 3)
+
+
+def end_summary(history: list[dict[str, Any]], steps: int, tokens: int, seconds: float, final: Path) -> str:
+    """The lines printed when a run ends: how long, how much, and where the loss went."""
+    train = [r["loss"] for r in history if "loss" in r and "step" in r and r["step"] > 0]
+    evals = [r["eval_loss"] for r in history if "eval_loss" in r]
+    minutes, secs = divmod(round(seconds), 60)
+    lines = [f"done        {steps} steps, {tokens:,} trained tokens in {minutes}m{secs:02d}s "
+             f"(peak memory {peak_memory_gb():.2f} GB)"]
+    if train:
+        lines.append(f"train loss  {train[0]:.4f} -> {train[-1]:.4f} (first and last logged interval)")
+    if evals:
+        best = min(evals)
+        lines.append(f"eval loss   {evals[0]:.4f} -> {evals[-1]:.4f}" + (
+            f" (lowest {best:.4f})" if not math.isclose(best, evals[-1]) else ""))
+    lines.append(f"try it      sftkit chat --model {final}")
+    return "\n".join(lines)
+
+
 def summary(config: Config, train: Split, evaluation: Split, model: PreTrainedModel, added: list[str],
-            per_epoch: int, total: int) -> str:
+            per_epoch: int, total: int, notes: list[str] = ()) -> str:
     """The run summary printed before step 0: model, data, steps, and what was left out and why."""
     trainable, params = count_parameters(model)
     tc = config.train
@@ -94,6 +127,7 @@ def summary(config: Config, train: Split, evaluation: Split, model: PreTrainedMo
         f"steps       {total} ({per_epoch}/epoch; batch {tc.batch_size} x accum {tc.grad_accum}; "
         f"warm-up {tc.warmup_steps(total)}; lr {tc.lr:g})",
     ]
+    lines += [f"turns       {line.removeprefix('turns: ')}" for line in train.report.policy_lines()]
     if train.mixing:
         lines += [f"mixing      {line}" for line in train.mixing.splitlines()]
     for name, split in (("train", train), ("eval", evaluation)):
@@ -101,6 +135,9 @@ def summary(config: Config, train: Split, evaluation: Split, model: PreTrainedMo
             lines.append(f"left out    {name}: {n} {reason}")
         for note, n in sorted(split.report.warnings.items()):
             lines.append(f"note        {name}: {note} x{n}")
+    for name, split in (("train", train), ("eval", evaluation)):
+        lines += [f"warning     {name}: {warning}" for warning in split.warnings]
     if added:
         lines.append(f"new tokens  {' '.join(added)} (embeddings resized, rows set to the mean)")
+    lines += [f"note        {note}" for note in notes]
     return "\n".join(lines)

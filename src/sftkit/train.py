@@ -28,30 +28,32 @@ from transformers import (
     set_seed,
 )
 
-from sftkit import checkpoint, distributed, faults
+from sftkit import checkpoint, distributed, faults, rundir
 from sftkit.attention import use_document_attention
 from sftkit.config import CONFIG_FILE, Config, TrainConfig
 from sftkit.data.batches import Batcher, trained_token_count
-from sftkit.data.load import Split, load_data, prompt_of
+from sftkit.data.load import Split, dated_template_note, load_data, prompt_of
 from sftkit.data.templates import end_of_turn_token_ids, pad_token_id
 from sftkit.evaluate.monitor import Monitor
 from sftkit.evaluate.perplexity import eval_loss
 from sftkit.generate import generate_reply
 from sftkit.lora import setup_lora_model
-from sftkit.model import load_model
-from sftkit.runlog import RunLog, summary
+from sftkit.model import load_model, load_prepared_tokenizer
+from sftkit.runlog import RunLog, end_summary, peak_memory_gb, summary
 
 
-def setup_model(config: Config, device: torch.device, resume_from: Path | None = None
+def setup_model(config: Config, device: torch.device, resume_from: Path | None = None,
+                prepared: tuple[PreTrainedTokenizerBase, list[str]] | None = None,
                 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, list[str]]:
     """(model, tokenizer, newly added tokens); from the checkpoint directory when resuming. With `lora.enabled`
     the base is frozen and wrapped with PEFT adapters (sftkit.lora). Then the speed switches, in place:
-    attention per document for packed rows on CPU, gradient checkpointing, and `train.compile`."""
+    attention per document for packed rows on CPU, gradient checkpointing, and `train.compile`.
+    `prepared`: `setup_tokenizer`'s result, when the data was rendered with it before the weights load."""
     if config.lora.enabled:
-        model, tokenizer, added = setup_lora_model(config, device, resume_from)
+        model, tokenizer, added = setup_lora_model(config, device, resume_from, prepared)
     else:
         model, tokenizer, added = load_model(config.model, template=config.data.template, device=device,
-                                             path=resume_from)
+                                             path=resume_from, prepared=prepared)
     if config.data.packed_documents:
         use_document_attention(model)
     if config.train.gradient_checkpointing:
@@ -62,6 +64,13 @@ def setup_model(config: Config, device: torch.device, resume_from: Path | None =
             if type(module).__name__ in layer_types:
                 module.compile(dynamic=True)
     return model, tokenizer, added
+
+
+def setup_tokenizer(config: Config, resume_from: Path | None = None) -> tuple[PreTrainedTokenizerBase, list[str]]:
+    """The tokenizer training renders with (the checkpoint's when a full run resumes; a LoRA run's is the
+    base's), its chat template installed; and the tokens that added."""
+    path = None if config.lora.enabled else resume_from
+    return load_prepared_tokenizer(config.model, config.data.template, path)
 
 
 def setup_data(config: Config, tokenizer: PreTrainedTokenizerBase) -> tuple[Split, Split]:
@@ -116,33 +125,43 @@ class TrainState:
     inputs: int = 0
     nan_skipped: list[int] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
+    grad_norm: float = 0.0  # of the last step, before clipping
+    elapsed: float = 0.0  # seconds of training before this process (a resumed run carries its past time)
+    began: float = field(default_factory=time.perf_counter)
 
-    def add(self, loss_sum: float, n_trained: int, n_inputs: int) -> None:
-        self.step, self.tokens = self.step + 1, self.tokens + n_trained
+    def add(self, loss_sum: float, n_trained: int, n_inputs: int, grad_norm: float) -> None:
+        self.step, self.tokens, self.grad_norm = self.step + 1, self.tokens + n_trained, grad_norm
         self.loss, self.trained, self.inputs = self.loss + loss_sum, self.trained + n_trained, self.inputs + n_inputs
+
+    @property
+    def seconds(self) -> float:
+        """Training time of the whole run so far, across resumes."""
+        return self.elapsed + time.perf_counter() - self.began
 
     def record(self, per_epoch: int, lr: float) -> dict[str, Any]:
         """The metrics.jsonl row of the interval that ends now; the next interval starts."""
         seconds = time.perf_counter() - self.started
         row = {"step": self.step, "epoch": round(self.step / per_epoch, 4), "loss": self.loss / max(self.trained, 1),
-               "lr": lr, "tokens": self.tokens, "tokens_per_s": self.trained / seconds,
-               "input_tokens_per_s": self.inputs / seconds}
+               "lr": lr, "grad_norm": self.grad_norm, "tokens": self.tokens, "tokens_per_s": self.trained / seconds,
+               "input_tokens_per_s": self.inputs / seconds, "elapsed_s": round(self.seconds, 2),
+               "peak_mem_gb": peak_memory_gb()}
         self.loss, self.trained, self.inputs, self.started = 0.0, 0, 0, time.perf_counter()
         return row
 
-    def saved(self, epoch: int, per_epoch: int, seed: int) -> dict[str, Any]:
+    def saved(self, epoch: int, per_epoch: int, seed: int, world: int) -> dict[str, Any]:
         """What a checkpoint keeps (trainer_state.json); `data` is where the next step reads from."""
         next_epoch, next_window = divmod(self.step, per_epoch)
         return {"step": self.step, "epoch": epoch, "tokens": self.tokens, "nan_skipped": self.nan_skipped,
+                "elapsed_s": self.seconds,
                 "interval": {"loss": self.loss, "trained": self.trained, "inputs": self.inputs},
                 "data": {"seed": seed, "steps_per_epoch": per_epoch, "epoch": next_epoch, "window": next_window,
-                         "micro_batch": 0}}  # saved between optimizer steps: a window starts at its first
+                         "micro_batch": 0, "world": world}}  # saved between optimizer steps: a window starts at its first
 
     @classmethod
     def resumed(cls, saved: dict[str, Any]) -> TrainState:
         interval = saved.get("interval", {})
         return cls(saved["step"], saved["tokens"], interval.get("loss", 0.0), interval.get("trained", 0),
-                   interval.get("inputs", 0), saved.get("nan_skipped", []))
+                   interval.get("inputs", 0), saved.get("nan_skipped", []), elapsed=saved.get("elapsed_s", 0.0))
 
 
 @dataclass
@@ -168,14 +187,18 @@ class Run:
     last_saved: Path | None
 
 
-def train(config: Config) -> Path:
+def train(config: Config, overwrite: bool = False) -> Path:
     """Run the whole fine-tuning job described by `config`; return the `final/` directory.
 
-    SIGINT / SIGTERM stop it at the end of the optimizer step, after a checkpoint (sftkit.faults).
-    Under torchrun this process is one rank of many (sftkit.distributed).
+    An output_dir holding another run is refused unless `overwrite` (clear it) or `train.resume`
+    (continue it; a finished run has nothing to do): sftkit.rundir. SIGINT / SIGTERM stop the run at
+    the end of the optimizer step, after a checkpoint (sftkit.faults). Under torchrun this process is
+    one rank of many (sftkit.distributed).
     """
     with distributed.setup(config.train) as dist, faults.StopSignals() as stop:
-        return loop(setup(config, dist), stop)
+        finished = rundir.prepare(config, overwrite, dist.is_main)
+        dist.barrier()  # --overwrite: every rank starts once rank 0 has cleared the old run
+        return finished or loop(setup(config, dist), stop)
 
 
 def loop(run: Run, stop: faults.StopSignals) -> Path:
@@ -194,7 +217,8 @@ def loop(run: Run, stop: faults.StopSignals) -> Path:
             loss_sum, n_trained = 0.0, 0
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
-        state.add(loss_sum, n_trained, dist.all_sum([sum(int(b["attention_mask"].sum()) for b in batches)])[0])
+        state.add(loss_sum, n_trained, dist.all_sum([sum(int(b["attention_mask"].sum()) for b in batches)])[0],
+                  grad_norm)
         bar.update(1)
 
         evaluating = tc.evaluates_at(state.step, run.per_epoch, run.total)
@@ -229,15 +253,18 @@ def setup(config: Config, dist: distributed.Local) -> Run:
     if tc.resume and resume_from is None:
         print(f"train.resume: no complete checkpoint under {out / 'checkpoints'}; starting from step 0")
 
-    model, tokenizer, added = setup_model(config, dist.device, checkpoint.weights_from(resume_from))
-    train_split, eval_split = setup_data(config, tokenizer)
+    weights = checkpoint.weights_from(resume_from)
+    prepared = setup_tokenizer(config, weights)  # fail fast: a wrong model.path or template, then every data
+    train_split, eval_split = setup_data(config, prepared[0])  # error, before minutes of loading weights
+    model, tokenizer, added = setup_model(config, dist.device, weights, prepared)
     pad_id, eos_ids = pad_token_id(tokenizer), end_of_turn_token_ids(tokenizer, config.data.template_kwargs)
     batcher = Batcher.from_config(train_split.examples, pad_id, config.data, tc, dist.world)  # global windows
     per_epoch = batcher.steps_per_epoch()
     total = tc.total_steps(per_epoch)
     if disk_warning := faults.low_disk_warning(out, model, tc, total):
         print(disk_warning)
-    overview = summary(config, train_split, eval_split, model, added, per_epoch, total)  # before FSDP shards it
+    notes = [note for note in [dated_template_note(tokenizer, config.data)] if note]
+    overview = summary(config, train_split, eval_split, model, added, per_epoch, total, notes)  # before FSDP
     dist.wrap(model, config)  # torchrun: DDP or FSDP2; nothing in one process
     optimizer, scheduler = setup_optimizer(model, tc, total)
     if dist.is_main:
@@ -248,10 +275,13 @@ def setup(config: Config, dist: distributed.Local) -> Run:
     state = TrainState()
     if resume_from is not None:
         saved = checkpoint.load_training_state(resume_from, optimizer, scheduler, log.metrics_file, model, dist)
-        state = TrainState.resumed(saved)
-        if saved["data"]["steps_per_epoch"] != per_epoch:
-            print(f"warning: the data changed since {resume_from} ({saved['data']['steps_per_epoch']} steps per "
-                  f"epoch then, {per_epoch} now): the resumed run will not see the batches it would have")
+        state, was = TrainState.resumed(saved), saved["data"]
+        log.purge_step = state.step + 1  # TensorBoard drops what the stopped run logged after its checkpoint
+        if was["steps_per_epoch"] != per_epoch:
+            why = (f"the run had {was['world']} process(es), this one {dist.world}"
+                   if was.get("world", dist.world) != dist.world else "the data or the batch size changed")
+            print(f"warning: {per_epoch} steps per epoch now, {was['steps_per_epoch']} at {resume_from} ({why}): "
+                  "the resumed run will not see the batches it would have")
         print(f"resumed from {resume_from} at step {state.step} (epoch {saved['epoch']})")
     elif dist.is_main:
         log.metrics_file.unlink(missing_ok=True)
@@ -282,11 +312,15 @@ def evaluate(run: Run, record: dict[str, Any]) -> None:
         if run.eval_split.examples:
             record["eval_loss"], record["eval_ppl"] = eval_loss(run.model, run.eval_split.examples, tc.batch_size,
                                                                 run.batcher.pad_id, tc.eval_max_batches)
+            tqdm.write(f"[step {record['step']}] eval loss {record['eval_loss']:.4f}, perplexity "
+                       f"{record['eval_ppl']:.2f} (train loss {record['loss']:.4f})")
         if run.sample:
             reply = generate_reply(run.model, run.tokenizer, run.sample, max_new_tokens=tc.sample_max_new_tokens,
                                    template_kwargs=run.config.data.template_kwargs)
             record["sample"] = reply.text
-            tqdm.write(f"[step {record['step']}] sample: {reply.text!r}{'' if reply.stopped else ' (no end of turn)'}")
+            tqdm.write(f"[step {record['step']}] sample  {run.sample[-1]['role']}: {run.sample[-1]['content']!r}\n"
+                       f"{' ' * len(str(record['step']))}          reply: {reply.text!r}"
+                       f"{'' if reply.stopped else ' (no end of turn)'}")
         run.monitor.on_eval(run.model, record)  # reference perplexity, best/, early stop
 
 
@@ -295,7 +329,7 @@ def save_checkpoint(run: Run, epoch: int) -> Path:
     saved = checkpoint.save_checkpoint(
         Path(run.config.output_dir), model=run.model, tokenizer=run.tokenizer, optimizer=run.optimizer,
         scheduler=run.scheduler, config=run.config, eos_ids=run.eos_ids, metrics_file=run.log.metrics_file,
-        state=run.state.saved(epoch, run.per_epoch, tc.seed), keep=tc.keep_checkpoints, dist=run.dist)
+        state=run.state.saved(epoch, run.per_epoch, tc.seed, run.dist.world), keep=tc.keep_checkpoints, dist=run.dist)
     tqdm.write(f"[step {run.state.step}] checkpoint {saved}")
     return saved
 
@@ -309,4 +343,6 @@ def finish(run: Run) -> Path:
     print(f"final model {final}\nloss curve  {run.log.close()}")
     if best := run.monitor.summary():
         print(best)
+    if run.dist.is_main:
+        print(end_summary(run.log.history(), run.state.step, run.state.tokens, run.state.seconds, final))
     return final

@@ -13,6 +13,7 @@ fraction is held out BEFORE mixing (an upsampled copy never lands on both sides)
 
 from __future__ import annotations
 
+import datetime
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,8 +28,10 @@ from sftkit.data.messages import Conversation, DataError, Record
 from sftkit.data.mixing import mix_with_report
 from sftkit.data.render import Renderer, Tokenized
 from sftkit.data.render_all import RenderReport, render_records
+from sftkit.data.templates import TemplateError, missing_template_message
 
 PROGRESS_ABOVE = 5000  # records: a progress bar while rendering more than this
+TRUNCATION_WARNING = 0.05  # warn when more than this share of the examples is cut or dropped by max_length
 
 
 @dataclass
@@ -55,9 +58,21 @@ class Split:
         return reasons
 
     def summary(self) -> str:
-        """What each file gave, then what rendering kept, dropped and noticed."""
+        """What each file gave, then what rendering kept, dropped and noticed, then the warnings."""
         lines = [load.summary() for load in self.loads] + ([self.mixing] if self.mixing else [])
-        return "\n".join(lines + [self.report.summary()])
+        return "\n".join(lines + [self.report.summary()] + [f"warning: {w}" for w in self.warnings])
+
+    @property
+    def warnings(self) -> list[str]:
+        """What a person should act on: many examples cut or dropped by max_length."""
+        cut = self.report.warnings.get("truncated", 0)
+        dropped = sum(n for kind, n in self.report.dropped.items() if kind.startswith("truncated"))
+        rendered = len(self.examples) + dropped
+        if not rendered or (cut + dropped) / rendered <= TRUNCATION_WARNING:
+            return []
+        return [f"max_length cuts {cut} of {rendered} examples ({cut / rendered:.0%}) and drops {dropped} "
+                f"({dropped / rendered:.0%}) whose trained tokens all lie beyond it: raise data.max_length, or "
+                "look at the lengths with `sftkit data inspect FILE --tokenizer DIR --max-length N`"]
 
 
 def read_files(paths: Sequence[str | Path], config: DataConfig) -> tuple[list[Record], list[LoadReport]]:
@@ -111,6 +126,9 @@ def load_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
     eval_loads: list[LoadReport] = []
     if config.eval:
         eval_records, eval_loads = read_files([config.eval], config)
+    chat = next((r for r in records if isinstance(r, Conversation)), None)
+    if chat is not None and not tokenizer.chat_template:  # said once, not once per record
+        raise TemplateError(f"{chat.source} is a conversation, and the {missing_template_message(tokenizer)}")
     renderer = renderer_for(config, tokenizer)
     render = {"on_error": "skip" if config.skip_invalid else "raise", "num_proc": config.num_proc,
               "progress": len(records) > PROGRESS_ABOVE if progress is None else progress}
@@ -121,6 +139,24 @@ def load_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
         reasons = dict(train.left_out()) or "no records"
         raise DataError(", ".join(paths), f"no usable training examples ({reasons})", "data.train")
     return train, evaluation
+
+
+def dated_template_note(tokenizer: PreTrainedTokenizerBase, config: DataConfig) -> str | None:
+    """A note when the chat template writes today's date into every example (Llama 3.x does, unless
+    `date_string` is given): the same data would give other tokens tomorrow."""
+    if not tokenizer.chat_template:
+        return None
+    today = datetime.date.today()
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                             **config.template_kwargs)
+    except Exception:  # a template that needs more than one user turn: the renderer reports it per record
+        return None
+    for shown in {today.strftime(f) for f in ("%d %b %Y", "%Y-%m-%d", "%B %d, %Y", "%d %B %Y", "%b %d, %Y")}:
+        if shown in str(text):
+            return (f"the chat template writes today's date ({shown}) into every example: set "
+                    f"data.template_kwargs.date_string (e.g. '{shown}') to fix it, and give generation the same")
+    return None
 
 
 def prompt_of(record: Record) -> list[dict] | None:
