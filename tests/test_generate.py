@@ -7,6 +7,9 @@ next" certain, so stopping and `max_new_tokens` can be checked exactly without t
 from __future__ import annotations
 
 import io
+import os
+import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -121,3 +124,46 @@ def test_local_directories_only(capsys: pytest.CaptureFixture[str]) -> None:
         load_for_generation("Qwen/Qwen2.5-0.5B-Instruct")
     assert main(["generate", "--model", "Qwen/Qwen2.5-0.5B-Instruct", "--prompt", "Hi"]) == 2
     assert "sftkit loads local directories only" in capsys.readouterr().err
+
+
+class Terminal(io.StringIO):
+    """stdout of `sftkit chat` where the user presses Ctrl-C (a real SIGINT to this process) as the first
+    reply starts to print; everything printed is kept."""
+
+    interrupted = False
+
+    def write(self, text: str) -> int:
+        after_banner = "\n" in self.getvalue()
+        written = super().write(text)
+        if after_banner and not self.interrupted:  # the first reply is streaming
+            self.interrupted = True
+            os.kill(os.getpid(), signal.SIGINT)  # Python's own handler: KeyboardInterrupt right here
+        return written
+
+
+def test_ctrl_c_during_a_reply_stops_it_and_keeps_the_session(tiny_dir: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    stdin = io.StringIO("Tell me a long story\nHi\n")
+    messages = chat(tiny_dir, max_new_tokens=3, device="cpu", stdin=stdin)
+    assert [(m["role"], m["content"]) for m in messages][:1] == [("user", "Hi")]  # the stopped one left out
+    assert [m["role"] for m in messages] == ["user", "assistant"]
+    assert "[reply stopped (Ctrl-C)" in terminal.getvalue()
+    assert stdin.read() == ""  # the session went on to read the next prompt, then ended at end of input
+
+
+def test_ctrl_c_at_the_prompt_ends_the_session_without_a_traceback(tiny_dir: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    class CtrlC(io.StringIO):
+        def readline(self, *args: object) -> str:
+            line = super().readline()
+            if not line:
+                raise KeyboardInterrupt
+            return line
+
+    messages = chat(tiny_dir, max_new_tokens=2, device="cpu", stdin=CtrlC("Hi\n"))
+    assert [m["role"] for m in messages] == ["user", "assistant"]
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.out + captured.err

@@ -1,7 +1,8 @@
 """Generate with exactly the format the model was trained on, stopping at the end of the turn.
 
     sftkit generate --model runs/tiny/final --prompt "What is 2+2?" [--system TEXT] [--max-new-tokens 128]
-    sftkit chat --model runs/tiny/final                         # multi-turn, streams tokens; /reset, /exit
+    sftkit chat --model runs/tiny/final                         # multi-turn, streams tokens; /reset, /exit;
+                                                                # Ctrl-C stops a reply, at the prompt it quits
     sftkit generate --model runs/tiny-lora/final --prompt "Hi"  # a LoRA adapter: loaded onto its base
 
 The prompt is the tokenizer's own chat template (`apply_chat_template(add_generation_prompt=True)`)
@@ -31,7 +32,14 @@ from transformers import (
 from sftkit.config import CONFIG_FILE
 from sftkit.data.templates import end_of_turn_token_ids, pad_token_id
 from sftkit.lora import is_adapter_dir, load_adapter
-from sftkit.model import check_local_dir, load_tokenizer, read_weights, resolve_device, resolve_dtype
+from sftkit.model import (
+    ModelError,
+    check_local_dir,
+    load_tokenizer,
+    read_weights,
+    resolve_device,
+    resolve_dtype,
+)
 
 
 @dataclass
@@ -54,12 +62,12 @@ def load_for_generation(
     if is_adapter_dir(model_dir):
         model, tokenizer = load_adapter(model_dir, device=target, dtype=resolve_dtype(dtype, target))
         if not tokenizer.chat_template:
-            raise ValueError(f"{model_dir}: the tokenizer has no chat template — was it trained with sftkit?")
+            raise ModelError(f"{model_dir}: the tokenizer has no chat template — was it trained with sftkit?")
         return model, tokenizer
     directory = check_local_dir(model_dir, "--model")
     tokenizer = load_tokenizer(directory, trust_remote_code=trust_remote_code)
     if not tokenizer.chat_template:
-        raise ValueError(f"{directory}: the tokenizer has no chat template — was it trained with sftkit?")
+        raise ModelError(f"{directory}: the tokenizer has no chat template — was it trained with sftkit?")
     model = read_weights(directory, resolve_dtype(dtype, target), trust_remote_code=trust_remote_code)
     return model.to(target).eval(), tokenizer
 
@@ -117,10 +125,12 @@ def generate_reply(
     input_ids = torch.tensor([prompt], device=model.device)
     was_training = model.training
     model.eval()
-    out = model.generate(
-        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config, streamer=streamer
-    )
-    model.train(was_training)
+    try:
+        out = model.generate(
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config, streamer=streamer
+        )
+    finally:  # also when Ctrl-C interrupts the reply
+        model.train(was_training)
     ids = out[0, len(prompt) :].tolist()
     stopped = bool(ids) and ids[-1] in stops
     return Reply(tokenizer.decode(ids, skip_special_tokens=True).strip(), ids, stopped)
@@ -155,18 +165,27 @@ def chat(
     device: str = "auto",
     stdin: TextIO | None = None,
 ) -> list[dict[str, Any]]:
-    """`sftkit chat`: a multi-turn REPL on stdin; replies stream to stdout. Returns the conversation."""
+    """`sftkit chat`: a multi-turn REPL on stdin; replies stream to stdout. Returns the conversation.
+
+    Ctrl-C during a reply stops it: the unanswered question leaves the conversation and a new prompt
+    is read. Ctrl-C at the prompt, end of input or /exit ends the session.
+    """
     stdin = stdin or sys.stdin
     model, tokenizer = load_for_generation(model_dir, device=device)
     template_kwargs = training_template_kwargs(model_dir)
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
     interactive = stdin.isatty()
-    print("sftkit chat — /reset clears the conversation, /exit (or end of input) quits.", flush=True)
+    print("sftkit chat — /reset clears the conversation, Ctrl-C stops a reply, /exit (or end of input) quits.",
+          flush=True)
     while True:
         if interactive:
             print("> ", end="", flush=True)
-        line = stdin.readline()
+        try:
+            line = stdin.readline()
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: the end of the session, not an error
+            print(flush=True)
+            return messages
         if not line or line.strip() in ("/exit", "/quit"):
             return messages
         text = line.strip()
@@ -175,8 +194,13 @@ def chat(
         if text == "/reset":
             messages = list(start)
             continue
-        messages.append({"role": "user", "content": text})
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        reply = generate_reply(model, tokenizer, messages, max_new_tokens=max_new_tokens, temperature=temperature,
-                               streamer=streamer, template_kwargs=template_kwargs)
-        messages.append({"role": "assistant", "content": reply.text})
+        try:
+            reply = generate_reply(model, tokenizer, [*messages, {"role": "user", "content": text}],
+                                   max_new_tokens=max_new_tokens, temperature=temperature, streamer=streamer,
+                                   template_kwargs=template_kwargs)
+        except KeyboardInterrupt:
+            print("\n[reply stopped (Ctrl-C); the question is left out of the conversation — ask again, "
+                  "or Ctrl-C at the prompt to quit]", flush=True)
+            continue
+        messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply.text}]
