@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -170,3 +171,10 @@ def test_data_train_mixes_sources_by_weight_and_samples() -> None:
 def test_bad_mixing_entries_name_the_entry(entry: str, message: str) -> None:
     with pytest.raises(ConfigError, match=rf"data.train\[0\]: .*{message}"):
         load_config(None, ["model.path=x", f"data.train=[{entry}]"])
+
+
+@pytest.mark.parametrize(("override", "meant"), [("lr=1e-5", "train.lr"), ("train.max_length=64", "data.max_length"),
+                                                  ("data.lr=1e-5", "train.lr"), ("trian.lr=1", "train")])
+def test_a_key_in_the_wrong_place_names_where_it_lives(override: str, meant: str) -> None:
+    with pytest.raises(ConfigError, match=f"unknown key — did you mean '{re.escape(meant)}'"):
+        load_config(None, BASE + [override])

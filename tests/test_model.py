@@ -109,3 +109,13 @@ def test_new_tokens_resize_to_the_mean(tied: bool) -> None:
     for row in new_ids:
         torch.testing.assert_close(emb[row], old_in.mean(dim=0), rtol=0, atol=1e-7)
         torch.testing.assert_close(head[row], old_out.mean(dim=0), rtol=0, atol=1e-7)
+
+
+def test_a_local_path_is_not_called_a_hub_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelError) as err:
+        load_model(ModelConfig(path="models/Qwen2.5-0.5B-Instruct"), device=CPU)
+    assert "hub id" not in str(err.value) and "`hf download OWNER/NAME --local-dir models/Qwen2.5-0.5B-Instruct`" in str(
+        err.value)
+    with pytest.raises(ModelError, match="`hf download Qwen/Qwen2.5-0.5B-Instruct --local-dir models/"):
+        load_model(ModelConfig(path="Qwen/Qwen2.5-0.5B-Instruct"), device=CPU)

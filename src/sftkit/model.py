@@ -54,17 +54,27 @@ def check_local_dir(path: str | Path, what: str = "model.path") -> Path:
     """The directory itself, or a clear error naming `what` was given: sftkit never downloads from the hub."""
     directory = Path(path).expanduser()
     if not directory.is_dir():
-        looks_like_hub_id = str(path).count("/") == 1 and not str(path).startswith((".", "/", "~"))
-        hint = (
-            f" ({str(path)!r} looks like a hub id: download it first, e.g. "
-            f"`huggingface-cli download {path} --local-dir models/{Path(str(path)).name}`)"
-            if looks_like_hub_id
-            else ""
-        )
-        raise ModelError(f"{what}: {path} is not a directory — sftkit loads local directories only{hint}")
+        raise ModelError(f"{what}: {path} is not a directory — sftkit loads local directories only"
+                         f"{_download_hint(str(path))}")
     if not (directory / "config.json").is_file():
         raise ModelError(f"{what}: {directory} has no config.json — not a Hugging Face model directory")
     return directory
+
+
+LOCAL_DIR_NAMES = ("models", "model", "runs", "checkpoints", "outputs", "output", "data", "weights")
+
+
+def _download_hint(path: str) -> str:
+    """How to get the model: a hub id (`owner/name`, its owner not a local folder) is downloaded by
+    id; any other path is where the user meant a downloaded model to be."""
+    owner, _, name = path.partition("/")
+    hub_like = (path.count("/") == 1 and name and not path.startswith((".", "/", "~"))
+                and not Path(owner).is_dir() and owner.lower() not in LOCAL_DIR_NAMES)
+    if hub_like:
+        return (f" ({path!r} looks like a hub id: download it first, e.g. "
+                f"`hf download {path} --local-dir models/{name}`, then model.path=models/{name})")
+    return (f" (no such directory from {Path.cwd()}: download the model there first, e.g. "
+            f"`hf download OWNER/NAME --local-dir {path}`, or fix the path)")
 
 
 def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:

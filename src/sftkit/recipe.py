@@ -181,10 +181,13 @@ def _unknown_key(dotted: str) -> ConfigError:
     known = [f.name for f in fields(Config)] if not section else next(
         ([f.name for f in fields(s)] for s in SECTIONS if s.section == section), [])
     prefix = f"{section}." if section else ""
-    close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+    close = [prefix + c for c in difflib.get_close_matches(name, known, n=1, cutoff=0.5)]
     if ALIASES.get(name) in known:
-        close = [ALIASES[name]]
-    hint = f" — did you mean '{prefix}{close[0]}'?" if close else ""
+        close = [prefix + ALIASES[name]]
+    elsewhere = [f"{s.section}.{name}" for s in SECTIONS if name in {f.name for f in fields(s)}]
+    if elsewhere and f"{prefix}{name}" not in elsewhere:  # `lr=...` means train.lr, not the close word `lora`
+        close = elsewhere[:1]
+    hint = f" — did you mean '{close[0]}'?" if close else ""
     return ConfigError(f"{dotted}: unknown key{hint} (valid keys: {', '.join(prefix + k for k in known)})")
 
 
