@@ -12,9 +12,14 @@
     sftkit model tiny --config ARCH.json --tokenizer DIR --out DIR
     sftkit diff BASE TUNED [--png FILE] [--threshold 0.01] [--per-tensor] [--json FILE]
     sftkit compare BASE TUNED --prompts FILE [--out FILE.md] [--max-new-tokens N]
+    sftkit config keys [SECTION | KEY]          # every recipe key: type, default, description
+    sftkit --version
 
 Commands from other packages join through the `sftkit.commands` entry point: `sftkit demo` is
 the demo's (demo/sftkit_demo), installed with sftkit by `make setup`.
+
+Start-up stays well under a second for `--help`, `--version` and a bad recipe: this module imports
+only the standard library and `sftkit.config`; each command imports what it needs when it runs.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from importlib.metadata import entry_points
+from importlib.metadata import PackageNotFoundError, entry_points, version
 
 from sftkit.config import DTYPES, STRATEGIES
 
@@ -200,14 +205,16 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     from sftkit.recipe import load_config
-    from sftkit.train import train
 
     if args.nproc is not None:  # `torchrun --standalone --nproc_per_node=N -m sftkit train CONFIG ...`
+        load_config(args.config, args.overrides)  # a bad config fails here, once, not on every rank
         from sftkit.distributed import launch
 
-        load_config(args.config, args.overrides)  # a bad config fails here, once, not on every rank
         return launch(args.nproc, [*(["--overwrite"] if args.overwrite else []), args.config, *args.overrides])
-    train(load_config(args.config, args.overrides), overwrite=args.overwrite)
+    config = load_config(args.config, args.overrides)  # a bad recipe fails here, before torch is imported
+    from sftkit.train import train
+
+    train(config, overwrite=args.overwrite)
     return 0
 
 
@@ -319,8 +326,45 @@ def _run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_config_keys(commands: argparse._SubParsersAction) -> None:
+    config = commands.add_parser("config", help="recipe keys").add_subparsers(dest="config_command", required=True)
+    p = config.add_parser("keys", help="every recipe key with its type, default and description",
+                          description="Every key a recipe (or a KEY=VALUE override) can set, from sftkit.config.")
+    p.add_argument("section", nargs="?", metavar="SECTION | KEY",
+                   help="only one section (model, data, train, lora, eval, output_dir) or one key (train.lr)")
+    p.set_defaults(func=_run_config_keys)
+
+
+def _run_config_keys(args: argparse.Namespace) -> int:
+    import textwrap
+
+    from sftkit.recipe import describe_keys
+
+    section, _, key = (args.section or "").partition(".")
+    rows = describe_keys(section or None)
+    if key:
+        rows = [row for row in rows if row[0] == args.section]
+        if not rows:
+            from sftkit.recipe import _unknown_key
+
+            raise _unknown_key(args.section)
+    for name, kind, default, doc in rows:
+        print(f"{name}: {kind} = {default}")
+        if doc:
+            print(textwrap.fill(doc, width=100, initial_indent="    ", subsequent_indent="    "))
+    return 0
+
+
+def _version() -> str:
+    try:
+        return f"sftkit {version('sftkit')}"
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "sftkit (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sftkit", description="Supervised fine-tuning of language models.")
+    parser.add_argument("--version", action="version", version=_version())
     commands = parser.add_subparsers(dest="command", required=True)
     data = commands.add_parser("data", help="look at and prepare datasets").add_subparsers(dest="data_command", required=True)
     _add_data_preview(data)
@@ -331,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(commands)
     _add_model_tiny(commands)
     _add_evidence(commands)
+    _add_config_keys(commands)
     for plugin in entry_points(group="sftkit.commands"):  # e.g. `sftkit demo`, from demo/ (never imported here)
         plugin.load()(commands)
     return parser
@@ -343,6 +388,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except BrokenPipeError:  # `sftkit data preview --json | head`
         return 0
+    except KeyboardInterrupt:  # Ctrl-C outside training (which stops at a checkpoint: sftkit.faults)
+        print(f"\n{_rank()}sftkit: interrupted", file=sys.stderr)
+        return 130
     except Exception as err:
         from sftkit.errors import user_errors
 
