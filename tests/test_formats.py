@@ -61,7 +61,7 @@ def test_detect_format_names_the_keys_it_did_not_recognise() -> None:
     assert str(info.value) == (
         "x.jsonl:1: unknown format: no known format has the keys ['role', 'text'] — pass format= one of "
         "messages, sharegpt, alpaca, prompt_completion, text, oasst, self_instruct, dolly, "
-        "question_answer, mt_bench, or columns= to rename columns")
+        "question_answer, mt_bench, deepseek_columns, or columns= to rename columns")
     assert info.value.kind == "unknown format"
 
 

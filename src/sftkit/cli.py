@@ -1,7 +1,8 @@
 """The `sftkit` command: parses arguments and dispatches; the work lives in the modules.
 
     sftkit data preview --tokenizer DIR --data FILE [--format F] [--template NAME]
-                        [--strategy assistant|last|all] [--max-length N] [--json] [--pack]
+                        [--strategy assistant|last|all] [--turns auto|whole|per_turn|last]
+                        [--reasoning train|mask|drop] [--max-length N] [--json] [--pack]
     sftkit data inspect FILE [--tokenizer DIR] [--template NAME] [--max-length N] [--report DIR]
     sftkit data clean FILE --out FILE [--near-dup-threshold 0.85] [--min-reply-chars N]
                       [--tokenizer DIR --max-tokens N] [--drop-pattern REGEX ...] [--drop-refusals]
@@ -57,6 +58,10 @@ def _add_data_preview(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--columns", type=_columns, help="column mapping, e.g. instruction=instruction,output=response")
     p.add_argument("--template", help="built-in chat template (chatml, llama3, mistral) or a .jinja file")
     p.add_argument("--strategy", default="assistant", choices=list(STRATEGIES))
+    p.add_argument("--turns", default="auto", choices=["auto", "whole", "per_turn", "last"],
+                   help="which renders become examples (data.turns; default auto)")
+    p.add_argument("--reasoning", default="train", choices=["train", "mask", "drop"],
+                   help="reasoning in the replies: trained, masked or dropped (data.reasoning; default train)")
     p.add_argument("--max-length", type=int, default=2048, help="longest example in tokens (default 2048)")
     p.add_argument("--json", action="store_true", help="one {input_ids, labels} object per example, input order")
     p.add_argument("--pack", action="store_true",
@@ -88,6 +93,7 @@ def _run_data_preview(args: argparse.Namespace) -> int:
             raise ConfigError("data preview: give a training recipe (RECIPE.yaml), or --tokenizer DIR and --data FILE")
         data = DataConfig(train=args.data, format=args.format, columns=args.columns, template=args.template,
                           strategy=args.strategy, max_length=args.max_length, skip_invalid=args.skip_invalid,
+                          turns=args.turns, reasoning=args.reasoning,
                           fast_bpe=not args.no_fast_bpe, num_proc=args.num_proc,
                           batching="packed" if args.pack else "padded")
         tokenizer_path = args.tokenizer

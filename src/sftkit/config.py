@@ -23,6 +23,8 @@ import yaml
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 Strategy = Literal["assistant", "last", "all"]
 Batching = Literal["padded", "grouped", "padding_free", "packed"]
+Turns = Literal["auto", "whole", "per_turn", "last"]
+Reasoning = Literal["train", "mask", "drop"]
 CONFIG_FILE = "sftkit_config.yaml"  # the resolved config, in every run directory and beside every model written
 DTYPES: tuple[str, ...] = get_args(DType)
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
@@ -126,6 +128,14 @@ class DataConfig:
     """Chat template: null = the tokenizer's own; or a built-in name (chatml, llama3, ...)."""
     strategy: Strategy = "assistant"
     """Which tokens are trained: assistant (every reply) | last (final reply) | all."""
+    turns: Turns = "auto"
+    """Which renders become examples: whole (the conversation rendered once; each reply trained as the template
+    shows it in history) | per_turn (one example per reply: exactly the prompt inference fed and the reply as it
+    was generated, reasoning included; prompts repeat, counted) | last (the final reply only, as generated) |
+    auto (per_turn when the template rewrites history, as Qwen3 and Mistral v0.3 do; else whole)."""
+    reasoning: Reasoning = "train"
+    """An assistant turn's reasoning (reasoning_content, thinking, inline <think>): train (rendered and trained) |
+    mask (rendered as context, only the answer trained) | drop (removed before rendering)."""
     max_length: int = 2048
     """Longest example in tokens; longer ones are cut (counted), and dropped if no trained token is left."""
     skip_invalid: bool = False
@@ -160,6 +170,9 @@ class DataConfig:
             _fail("data.max_length", f"{self.max_length} is too short (at least 2 tokens)")
         if self.num_proc < 1:
             _fail("data.num_proc", f"{self.num_proc} must be at least 1")
+        if self.strategy == "all" and self.turns in ("per_turn", "last"):
+            _fail("data.turns", f"{self.turns} trains assistant replies, but data.strategy=all trains every token: "
+                  "drop one of the two")
 
     def sources(self) -> list[Source]:
         """Every `data.train` entry as a `Source`, in order."""

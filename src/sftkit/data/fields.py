@@ -4,12 +4,20 @@ The field-level rules every format in `sftkit.data.formats` shares: a required f
 value has the right JSON type, content is a string, an assistant reply is not empty unless it calls
 tools, tool calls and tool schemas have the shape HF chat templates take (arguments parsed from a
 JSON string into an object), and a conversation has a user turn before its last assistant reply.
+
+Reasoning ("thinking") is normalised into `Message.extra["reasoning_content"]`, the field HF chat
+templates read, whatever shape the row gives it in (`reasoning_of`):
+  {"reasoning_content": R} / {"reasoning": R} / {"thinking": R} (gpt-oss)   on an assistant turn
+  "<think>R</think>A"                                   inline, at the start of the content (DeepSeek-R1, Qwen3)
+  "<|begin_of_thought|>R<|end_of_thought|> <|begin_of_solution|>A<|end_of_solution|>"   (OpenThoughts, Bespoke-Stratos)
+The content keeps only the answer A; how the reasoning reaches the template is `sftkit.data.render`'s job.
 Every error names the field as the file names it, so `load_records` can point at it.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any
@@ -18,6 +26,12 @@ from sftkit.data.messages import ROLES, Conversation, DataError, Message
 from sftkit.data.sources import json_type
 
 ROLE_HINT = "rename the role, or use format='sharegpt' for {from, value} turns"
+REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")  # message keys that hold an assistant's reasoning
+_INLINE_REASONING = (  # (reasoning, answer) at the start of a reply: <think>R</think>A, OpenThoughts' markers
+    re.compile(r"\s*<think>(.*?)</think>(.*)", re.DOTALL),
+    re.compile(r"\s*<\|begin_of_thought\|>(.*?)<\|end_of_thought\|>\s*"
+               r"(?:<\|begin_of_solution\|>(.*?)<\|end_of_solution\|>\s*\Z|(.*))", re.DOTALL),
+)
 
 
 def required(row: Mapping[str, Any], key: str, source: str, prefix: str = "") -> Any:
@@ -51,10 +65,38 @@ def message(role: str, content: Any, source: str, field_name: str,
     if content is None and extra.get("tool_calls"):
         content = ""
     text = as_text(content, source, field_name)
+    if role == "assistant":
+        text, extra = reasoning_of(text, extra, source, field_name)
     if role == "assistant" and not text.strip() and not extra.get("tool_calls"):
         raise DataError(source, "empty reply: the assistant message is empty", field_name,
                         hint="remove the record or write the reply")
     return Message(role, text, extra)
+
+
+def reasoning_of(text: str, extra: dict[str, Any], source: str,
+                 field_name: str) -> tuple[str, dict[str, Any]]:
+    """(answer, extra with `reasoning_content`) of an assistant turn: the reasoning from a message key
+    (`REASONING_KEYS`) or inline at the start of the content; an error when it is given twice."""
+    extra = dict(extra)
+    keys = [key for key in REASONING_KEYS if key in extra]
+    given = [as_text(extra.pop(key), source, field_name.rpartition(".")[0] + "." + key if "." in field_name
+                     else key) for key in keys]
+    for pattern in _INLINE_REASONING:
+        match = pattern.match(text)
+        if match:
+            if given:
+                raise DataError(source, "reasoning given twice: in a reasoning field and inline in the content",
+                                field_name, hint="keep one of the two")
+            # the answer: the rest of the content, or OpenThoughts' solution inside its own markers
+            answer = next(g.strip("\n") for g in match.groups()[1:] if g is not None)
+            given, text = [match.group(1)], answer
+            break
+    if len(given) > 1:
+        raise DataError(source, f"reasoning given twice: fields {', '.join(keys)}", field_name,
+                        hint="keep one of them")
+    if given and given[0].strip():
+        extra["reasoning_content"] = given[0].strip("\n")
+    return text, extra
 
 
 def join(*parts: str) -> str:

@@ -20,8 +20,10 @@ Used by `sftkit train` and `sftkit data preview` (`--format`, `--skip-invalid`).
   from the JSON call text, so the tokenizer's own template renders the call.
 * ``alpaca``  {"instruction", "input"?, "output", "system"?, "history"?}: input is joined to the
   instruction with a blank line; history = [[user, assistant], ...] turns BEFORE the instruction.
-* ``prompt_completion``  {"prompt", "completion"}: strings -> user + assistant; lists of
-  messages (TRL's conversational form) are taken as messages.
+* ``prompt_completion``  {"prompt", "completion", "reasoning"?}: strings -> user + assistant; lists
+  of messages (TRL's conversational form) are taken as messages.
+* ``deepseek_columns`` = prompt_completion with prompt <- ``problem``, completion <-
+  ``deepseek_solution``, reasoning <- ``deepseek_reasoning`` (OpenThoughts-114k ``metadata``).
 * ``text``  {"text"} (and no ``role``) -> `RawText`; also every .txt / .md file.
 * ``oasst``  an OpenAssistant export tree {"message_tree_id", "prompt": {text, role, replies}}:
   the best path (lowest ``rank`` at each node; no rank or a tie -> the first reply), leaving out
@@ -35,6 +37,12 @@ Used by `sftkit train` and `sftkit data preview` (`--format`, `--skip-invalid`).
   user turns from ``turns``, assistant turns from ``choices[0].turns``. FastChat ships them as two
   files, so each file alone fails with "no assistant reply" / "no user turn" (MT-Bench is an
   eval set: a prompts file is not training data; ``reference`` is ignored).
+
+Reasoning, in every format: an assistant turn's ``reasoning_content`` / ``reasoning`` / ``thinking``
+key (gpt-oss), a ``reasoning`` column beside alpaca's ``output`` or a string ``completion``, or
+``<think>…</think>`` / OpenThoughts' ``<|begin_of_thought|>…<|end_of_thought|>`` at the start of a
+reply all become ``Message.extra["reasoning_content"]``, the reply keeping only its answer
+(`sftkit.data.fields.reasoning_of`).
 
 Rules for every conversation: roles are system/user/assistant/tool; content is a string; there is a
 user turn before the last assistant reply; no assistant reply is empty unless it makes tool calls.
@@ -72,10 +80,12 @@ from sftkit.data.sources import Row, read_rows
 __all__ = ["FORMATS", "DataFileError", "LoadReport", "detect_format", "load_records"]
 
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text", "oasst", "self_instruct",
-           "dolly", "question_answer", "mt_bench")
+           "dolly", "question_answer", "mt_bench", "deepseek_columns")
 PRESETS: dict[str, tuple[str, dict[str, str]]] = {  # name -> (format, columns: ours -> the file's)
     "dolly": ("alpaca", {"input": "context", "output": "response"}),
     "question_answer": ("prompt_completion", {"prompt": "question", "completion": "answer"}),
+    "deepseek_columns": ("prompt_completion", {"prompt": "problem", "completion": "deepseek_solution",
+                                               "reasoning": "deepseek_reasoning"}),
 }
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bard": "assistant", "model": "assistant",
@@ -169,6 +179,8 @@ def detect_format(row: Mapping[str, Any], source: str = "<row>") -> str:
         if "instances" in keys:
             return "self_instruct"
         return "dolly" if "response" in keys and "output" not in keys else "alpaca"
+    if "problem" in keys and "deepseek_solution" in keys:
+        return "deepseek_columns"
     if "prompt" in keys and "completion" in keys:
         return "prompt_completion"
     if "question" in keys and "answer" in keys:
@@ -255,7 +267,7 @@ def _from_alpaca(row: Row, source: str, dropped: Counter) -> list[Record]:
         messages.append(message("user", pair[0], source, f"history[{i}][0]"))
         messages.append(message("assistant", pair[1], source, f"history[{i}][1]"))
     messages.append(Message("user", prompt))
-    messages.append(message("assistant", required(row, "output", source), source, "output"))
+    messages.append(message("assistant", required(row, "output", source), source, "output", _reasoning_column(row)))
     return [conversation(messages, source, dropped)]
 
 
@@ -266,8 +278,13 @@ def _from_prompt_completion(row: Row, source: str, dropped: Counter) -> list[Rec
         if isinstance(value, list):
             messages += role_content(value, key, source)
         else:
-            messages.append(message(role, value, source, key))
+            messages.append(message(role, value, source, key, _reasoning_column(row) if role == "assistant" else None))
     return [conversation(messages, source, dropped, tool_schemas(row, source))]
+
+
+def _reasoning_column(row: Row) -> dict[str, Any]:
+    """A row-level `reasoning` column, handed to the reply as its reasoning (`fields.reasoning_of`)."""
+    return {"reasoning": row["reasoning"]} if row.get("reasoning") is not None else {}
 
 
 def _from_text(row: Row, source: str, dropped: Counter) -> list[Record]:

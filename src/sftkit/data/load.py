@@ -113,7 +113,8 @@ def mix_sources(train_records: list[Record], eval_records: list[Record], loads: 
 
 def renderer_for(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Renderer:
     """The renderer of `config` (its tokenizer carries the chat template: `templates.prepare_tokenizer`)."""
-    return Renderer(tokenizer, config.strategy, config.max_length, config.template_kwargs, fast_bpe=config.fast_bpe)
+    return Renderer(tokenizer, config.strategy, config.max_length, config.template_kwargs, fast_bpe=config.fast_bpe,
+                    turns=config.turns, reasoning=config.reasoning)
 
 
 def load_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,

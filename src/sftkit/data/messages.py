@@ -18,7 +18,9 @@ ROLES = ("system", "user", "assistant", "tool")
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """One turn. `extra` holds template-visible fields beyond role/content (e.g. `tool_calls`)."""
+    """One turn. `extra` holds template-visible fields beyond role/content: `tool_calls`, and on an
+    assistant turn `reasoning_content` (its thinking; `content` is then the answer alone), whatever
+    field or inline markers the dataset used (`sftkit.data.fields.reasoning_of`)."""
 
     role: str
     content: str

@@ -5,7 +5,9 @@
     sftkit data preview --tokenizer DIR --data FILE --json      # {"input_ids": [...], "labels": [...]} per line
 
 Both forms make a `DataConfig` and call `sftkit.data.load.load_data`, the entry training uses:
-same template, template_kwargs, strategy, max_length, eval hold-out and mixing. With packed
+same template, template_kwargs, strategy, turns, reasoning, max_length, eval hold-out and mixing. Under
+`data.turns=per_turn` each assistant turn is its own example ("FILE:LINE turn 2/4"); the summary says
+which turns policy applies and why, and what repeating the prompts costs. With packed
 batches (`data.batching=packed`, or `--pack`) the rows are shown packed, with `position_ids`.
 """
 

@@ -20,6 +20,23 @@ are located by the rule those checks confirm (a reply starts after the first gen
 the previous reply, e.g. `<|im_start|>assistant\n`, which users cannot spell once control tokens
 are sanitised). If a check disagrees, every reply is checked. Linear, and the same labels.
 
+Which turns become examples (`Turns`, `data.turns`):
+
+    whole      one example per conversation, the template applied once: each reply trained as the
+               template shows it in the full chat (fast; exact when history is rendered as generated)
+    per_turn   one example per assistant reply i:  ids = template(messages[:i], add_generation_prompt)
+               + reply i as the template renders it as the LAST turn, through its end-of-turn token;
+               only reply i is trained. Exactly what inference fed and generated, at the cost of
+               repeating each prompt (counted in `Renderer.tally["repeated_tokens"]`).
+    last       the final reply only, rendered the per_turn way.
+    auto       per_turn when the template rewrites history (`templates.history_rewrite`: Qwen3 drops
+               earlier reasoning, Mistral v0.3 moves the system prompt), else whole; `Renderer.turns_note`
+               says which and why.
+
+Reasoning (`Message.extra["reasoning_content"]`) reaches the template the way it reads it
+(`templates.reasoning_style`: a message field, or `<think>` inline in the content) and is then
+trained, masked (in context, no loss) or dropped (removed before rendering) per `Reasoning`.
+
 Where a template breaks the prefix property the renderer is deterministic and counts it in
 `Renderer.warnings`, never guessing:
   prompt_rewritten   the template rewrites history before reply i (Mistral v0.3 moves the system
@@ -28,11 +45,13 @@ Where a template breaks the prefix property the renderer is deterministic and co
                      think block from history): trained as it appears in the full conversation.
   boundary_merge     one token straddles the prompt/reply boundary: it is left untrained.
   no_end_of_turn     the template closes turns with plain text only: the model cannot learn to stop.
+  reasoning_not_shown  a reply has reasoning the template never renders: it cannot be trained.
 """
 
 from __future__ import annotations
 
 import bisect
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,14 +63,18 @@ from transformers import PreTrainedTokenizerBase
 from sftkit.data.control import contains_control, encode_marked, find_unmarked, mark
 from sftkit.data.encode import Encoded, TextEncoder
 from sftkit.data.messages import Conversation, DataError, RawText, Record
+from sftkit.data.policy import Reasoning, Turns, place_reasoning, resolve_turns
 from sftkit.data.templates import (
+    INLINE,
     control_pattern,
     find_end_of_turn,
     find_generation_prompt,
     missing_template_message,
+    reasoning_style,
 )
 
 IGNORE_INDEX = -100
+_THINK_CLOSE = re.compile(r"\s*(?:</think>\s*)?")  # what closes reasoning before a reply without an answer
 _ALL_EXACT = 8  # conversations with up to this many trained replies check every reply's own prefix render
 
 
@@ -90,6 +113,7 @@ class _Plan:
     add_special_tokens: bool = False
     append_eos: bool = False
     marked: bool = False  # user strings spell control tokens: encode them as text (sftkit.data.control)
+    repeated: bool = False  # a per_turn example before its conversation's last: its tokens repeat a prompt
 
 
 @dataclass(slots=True)
@@ -99,6 +123,7 @@ class _Chat:
     messages: list[dict]
     tools: list[dict] | None
     source: str
+    thoughts: list[str | None]  # each message's reasoning as the template receives it (None: none)
 
 
 class Renderer:
@@ -112,6 +137,8 @@ class Renderer:
         template_kwargs: dict | None = None,
         sanitize_control_tokens: bool = True,
         fast_bpe: bool = True,
+        turns: Turns | str = Turns.WHOLE,
+        reasoning: Reasoning | str = Reasoning.TRAIN,
     ) -> None:
         self.tokenizer = tokenizer
         self.encoder = TextEncoder(tokenizer, fast_bpe)  # fast_bpe: tiktoken where it gives the same ids
@@ -122,6 +149,13 @@ class Renderer:
         self.end_of_turn = find_end_of_turn(tokenizer, self.template_kwargs) if tokenizer.chat_template else None
         self.reply_header = self._reply_header()
         self.warnings: Counter[str] = Counter()
+        self.tally: Counter[str] = Counter()  # repeated_tokens: per_turn's cost over one render per conversation
+        self.reasoning = Reasoning(reasoning)
+        self.reasoning_style = reasoning_style(tokenizer, self.template_kwargs) if tokenizer.chat_template else None
+        style = None if self.reasoning is Reasoning.DROP else self.reasoning_style
+        self.turns, self.turns_note = resolve_turns(
+            Turns(turns), tokenizer, every_token=self.strategy is Strategy.ALL, last_only=self.strategy is Strategy.LAST,
+            end_of_turn=self.end_of_turn, template_kwargs=self.template_kwargs, style=style)
 
     def _reply_header(self) -> str | None:
         """The generation prompt, when it can locate replies in a long conversation: it must hold a
@@ -133,18 +167,28 @@ class Renderer:
 
     # -- public ---------------------------------------------------------------------------------
     def render(self, record: Record) -> Tokenized:
-        """Render one record; raises DataError (or DroppedExample) with the record's source."""
-        result = self.render_many([record])[0]
-        if isinstance(result, DataError):
-            raise result
-        return result
+        """Render one record into one example (whole); raises DataError (or DroppedExample) with its source."""
+        examples = self.render_turns(record)
+        if len(examples) != 1:
+            raise ValueError(f"{record.source}: {len(examples)} examples under turns={self.turns.value}: "
+                             "use render_turns")
+        return examples[0]
+
+    def render_turns(self, record: Record) -> list[Tokenized]:
+        """Every example one record makes under the turns policy; raises its DataError."""
+        results = self.render_many([record])
+        for result in results:
+            if isinstance(result, DataError):
+                raise result
+        return results  # type: ignore[return-value]
 
     def render_many(self, records: Sequence[Record]) -> list[Tokenized | DataError]:
-        """Render a batch (one tokenizer call); each slot holds the example or its DataError."""
+        """Render a batch (one tokenizer call): each record's examples in order (one, or one per turn
+        under per_turn/last), or its DataError in their place."""
         plans: list[_Plan | DataError] = []
         for record in records:
             try:
-                plans.append(_encodable(self._plan(record)))
+                plans.extend([_encodable(plan) for plan in self._plans(record)])
             except DataError as err:
                 plans.append(err)
             except RecursionError:  # e.g. tool arguments nested hundreds of levels deep
@@ -179,34 +223,87 @@ class Renderer:
                 hint="a field has a type the template does not expect (tool_calls, tools, extra message keys)",
             ) from None
 
-    def _plan(self, record: Record) -> _Plan:
+    def _plans(self, record: Record) -> list[_Plan]:
         if isinstance(record, RawText):
             marked = self.control is not None and contains_control(record.text, self.control)
             text = mark(record.text, self.control) if marked else record.text
-            return _Plan(text, [(0, len(text))], record.source, add_special_tokens=True, append_eos=True, marked=marked)
+            return [_Plan(text, [(0, len(text))], record.source, add_special_tokens=True, append_eos=True,
+                          marked=marked)]
         if not isinstance(record, Conversation):
             raise DataError("<unknown>", f"cannot render a {type(record).__name__}; expected Conversation or RawText")
         if not self.tokenizer.chat_template:
             raise DataError(record.source, "a conversation needs a chat template: " +
                             missing_template_message(self.tokenizer), hint="raw text ({\"text\": ...}) needs none")
-        chat = _Chat(record.as_template_dicts(), record.tools, record.source)
-        marked = self.control is not None and contains_control([chat.messages, chat.tools], self.control)
+        messages, tools = record.as_template_dicts(), record.tools
+        marked = self.control is not None and contains_control([messages, tools], self.control)
         if marked:
-            chat = _Chat(mark(chat.messages, self.control), mark(chat.tools, self.control), chat.source)
-        full = self._apply(chat)
-        if self.strategy is Strategy.ALL:
-            return _Plan(full, [(0, len(full))], record.source, marked=marked)
+            messages, tools = mark(messages, self.control), mark(tools, self.control)
+        chat = _Chat(messages, tools, record.source, place_reasoning(messages, self.reasoning_style, self.reasoning))
         replies = [i for i, m in enumerate(chat.messages) if m["role"] == "assistant"]
-        if self.strategy is Strategy.LAST:
+        if self.strategy is Strategy.LAST or self.turns is Turns.LAST:
             replies = replies[-1:]
-        spans = [span for span in self._reply_spans(chat, replies, full) if span]
-        if not spans:
+        if self.strategy is not Strategy.ALL and self.reasoning_style is None and self.reasoning is not Reasoning.DROP:
+            self.warnings["reasoning_not_shown"] += sum(1 for i in replies if chat.thoughts[i])
+        if self.turns in (Turns.PER_TURN, Turns.LAST):
+            plans = [plan for plan in self._turn_plans(chat, replies, marked) if plan]
+            for plan in plans[:-1]:
+                plan.repeated = True
+        else:
+            full = self._apply(chat)
+            if self.strategy is Strategy.ALL:
+                return [_Plan(full, [(0, len(full))], record.source, marked=marked)]
+            spans = [self._trained(chat, i, full, span)
+                     for i, span in zip(replies, self._reply_spans(chat, replies, full)) if span]
+            plans = [_Plan(full, [s for part in spans for s in part], record.source, marked=marked)] if spans else []
+        if not plans:
             raise DataError(
                 record.source,
                 "no trained token: no assistant reply can be trained with this template",
-                hint=f"see the warnings ({dict(self.warnings)}); check the roles or pick another template",
+                hint=f"see the warnings ({dict(self.warnings)}); check the roles or pick another template"
+                + ("; with reasoning in the data and a prompt that closes it (enable_thinking=false), "
+                   "set data.reasoning=drop" if any(chat.thoughts) else ""),
             )
-        return _Plan(full, spans, record.source, marked=marked)
+        return plans
+
+    def _turn_plans(self, chat: _Chat, replies: list[int], marked: bool) -> list[_Plan | None]:
+        """per_turn / last: reply i rendered as the last turn after exactly the prompt inference fed."""
+        plans: list[_Plan | None] = []
+        for k, i in enumerate(replies, 1):
+            prompt = self._apply(chat, upto=i, generation_prompt=True)
+            alone = self._apply(chat, upto=i + 1)
+            if not alone.startswith(prompt):
+                self.warnings["prompt_rewritten"] += 1
+                plans.append(None)
+                continue
+            end = self._end_of_reply(alone, len(prompt)) if self.end_of_turn is not None else None
+            if end is None:
+                self.warnings["no_end_of_turn"] += 1
+                if self.end_of_turn is not None:
+                    plans.append(None)
+                    continue
+                end = len(alone)
+            self._check_tool_calls(chat, i, alone[len(prompt) : end])
+            source = chat.source if len(replies) == 1 else f"{chat.source} turn {k}/{len(replies)}"
+            plans.append(_Plan(alone[:end], self._trained(chat, i, alone, (len(prompt), end)), source, marked=marked))
+        return plans
+
+    def _trained(self, chat: _Chat, i: int, text: str, span: tuple[int, int]) -> list[tuple[int, int]]:
+        """The trained part of reply `i` at `span` of `text`: all of it, or under `Reasoning.MASK` what
+        follows its reasoning (the reasoning and the markup around it stay untrained context)."""
+        thought = chat.thoughts[i]
+        if self.reasoning is not Reasoning.MASK or not thought:
+            return [span]
+        start, end = span
+        at = text.find(thought.strip(), start, end)
+        if at < 0:  # this render does not show the reasoning (e.g. dropped from history)
+            return [span]
+        after = at + len(thought.strip())
+        answer = str(chat.messages[i].get("content") or "")
+        if self.reasoning_style == INLINE:
+            answer = answer.rpartition("</think>")[2]
+        found = text.find(answer.strip(), after, end) if answer.strip() else -1
+        cut = found if found >= 0 else _THINK_CLOSE.match(text, after).end()  # type: ignore[union-attr]
+        return [(cut, end)] if cut < end else []
 
     def _reply_spans(self, chat: _Chat, replies: list[int], full: str) -> list[tuple[int, int] | None]:
         """Spans of `replies` in `full`. Checking every reply against its own prefix render costs time
@@ -315,6 +412,8 @@ class Renderer:
         if self.max_length is not None and len(ids) > self.max_length:
             example = Tokenized(ids[: self.max_length], labels[: self.max_length], plan.source)
             self.warnings["truncated"] += 1
+        if plan.repeated and example.num_trained:
+            self.tally["repeated_tokens"] += len(example.input_ids)
         if example.num_trained == 0:
             if len(example.input_ids) < len(ids):
                 return DroppedExample(plan.source, "truncated: no trained token left within max_length",

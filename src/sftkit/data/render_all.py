@@ -37,6 +37,8 @@ class RenderReport:
     dropped: Counter[str] = field(default_factory=Counter)
     warnings: Counter[str] = field(default_factory=Counter)
     problems: Problems = field(default_factory=lambda: Problems(skip=True))
+    turns: str = ""  # the turns policy applied and why (`Renderer.turns_note`)
+    repeated_tokens: int = 0  # tokens of per_turn examples before each conversation's last: its repeated prompts
 
     @property
     def skipped(self) -> Counter[str]:
@@ -54,8 +56,30 @@ class RenderReport:
     def total_tokens(self) -> int:
         return sum(len(e.input_ids) for e in self.examples)
 
+    def policy_lines(self) -> list[str]:
+        """The turns policy and why, what per_turn costs, and a warning when replies are trained otherwise
+        than inference generates them (printed by `data preview` and in the run summary)."""
+        lines = [f"turns: {self.turns}"] if self.turns else []
+        if self.repeated_tokens:
+            lines.append(f"per_turn cost: {self.repeated_tokens} of the {self.total_tokens} tokens "
+                         f"({self.repeated_tokens / max(self.total_tokens, 1):.0%}) repeat earlier turns as prompts")
+        return lines + ([note] if (note := self.rewritten_note()) else [])
+
+    def rewritten_note(self) -> str:
+        """A warning when replies were trained (or left out) otherwise than inference generates them."""
+        differ, untrained = self.warnings["reply_rewritten"], self.warnings["prompt_rewritten"]
+        if not differ and not untrained:
+            return ""
+        parts = [f"{differ} trained repl{'y differs' if differ == 1 else 'ies differ'} from how inference "
+                 "generates them (the template rewrites them in history)"] if differ else []
+        parts += [f"{untrained} repl{'y is' if untrained == 1 else 'ies are'} not trained (the prompt before "
+                  "them is rewritten)"] if untrained else []
+        fix = " — data.turns=per_turn trains every reply as generated" if "per_turn" not in self.turns else ""
+        return "warning: " + "; ".join(parts) + fix
+
     def summary(self) -> str:
         lines = [f"{len(self.examples)} examples, {self.total_tokens} tokens, {self.trained_tokens} trained"]
+        lines += self.policy_lines()
         if self.dropped:
             lines.append("dropped: " + ", ".join(f"{n} ({kind})" for kind, n in self.dropped.items()))
         if self.skipped:
@@ -81,32 +105,39 @@ def render_records(
     dropped and counted."""
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
-    report = RenderReport(examples=[], problems=Problems(on_error == "skip", max_errors))
+    report = RenderReport(examples=[], problems=Problems(on_error == "skip", max_errors), turns=renderer.turns_note)
     renderer.encoder.prepare(len(records))  # tiktoken for large sets, built here once, not in every worker
     bar = tqdm(total=len(records), desc="render", unit="ex", disable=not progress)
     if num_proc > 1 and len(records) > _CHUNK:
-        for results, warnings in render_in_pool(records, renderer, num_proc, _CHUNK):
-            _collect(report, results, warnings)
-            bar.update(len(results))
+        for size, counted in zip(_sizes(len(records)), render_in_pool(records, renderer, num_proc, _CHUNK)):
+            _collect(report, *counted)
+            bar.update(size)
     else:
-        for start in range(0, len(records), _CHUNK):
-            results, warnings = _render_counted(renderer, records[start : start + _CHUNK])
-            _collect(report, results, warnings)
-            bar.update(len(results))
+        for start, size in zip(range(0, len(records), _CHUNK), _sizes(len(records))):
+            _collect(report, *_render_counted(renderer, records[start : start + size]))
+            bar.update(size)
     bar.close()
     report.problems.raise_if_any(where, len(records))
     return report
 
 
-def _render_counted(renderer: Renderer, chunk: Sequence[Record]) -> tuple[list[Tokenized | DataError], Counter[str]]:
-    """The chunk's results and the warnings rendering it raised."""
-    before = Counter(renderer.warnings)
+def _sizes(count: int) -> Iterator[int]:
+    """Records per chunk, in order (the bar counts records: one may give several examples under per_turn)."""
+    for start in range(0, count, _CHUNK):
+        yield min(_CHUNK, count - start)
+
+
+def _render_counted(renderer: Renderer, chunk: Sequence[Record]
+                    ) -> tuple[list[Tokenized | DataError], Counter[str], Counter[str]]:
+    """The chunk's results, and the warnings and tally rendering it added."""
+    warnings, tally = Counter(renderer.warnings), Counter(renderer.tally)
     results = renderer.render_many(chunk)
-    return results, renderer.warnings - before
+    return results, renderer.warnings - warnings, renderer.tally - tally
 
 
-def _collect(report: RenderReport, results: list, warnings: Counter[str]) -> None:
+def _collect(report: RenderReport, results: list, warnings: Counter[str], tally: Counter[str]) -> None:
     report.warnings.update(warnings)
+    report.repeated_tokens += tally["repeated_tokens"]
     for item in results:
         if isinstance(item, DroppedExample):
             report.dropped[item.kind] += 1
@@ -131,10 +162,12 @@ class PackedChunk:
     sources: list[str]
     errors: dict[int, DataError]  # slot in the chunk -> the record's error
     warnings: Counter[str]
+    tally: Counter[str]
 
     @classmethod
-    def pack(cls, results: Sequence[Tokenized | DataError], warnings: Counter[str]) -> PackedChunk:
-        packed = cls(array("i"), array("i"), [], [], {}, warnings)
+    def pack(cls, results: Sequence[Tokenized | DataError], warnings: Counter[str], tally: Counter[str]
+             ) -> PackedChunk:
+        packed = cls(array("i"), array("i"), [], [], {}, warnings, tally)
         for slot, item in enumerate(results):
             if isinstance(item, DataError):
                 packed.errors[slot] = item
@@ -163,7 +196,7 @@ class PackedChunk:
 def _init(renderer: Renderer, records: Sequence[Record]) -> None:
     global _renderer, _records
     _renderer, _records = renderer, records
-    renderer.warnings = Counter()
+    renderer.warnings, renderer.tally = Counter(), Counter()
 
 
 def _render_range(bounds: tuple[int, int]) -> PackedChunk:
@@ -173,9 +206,9 @@ def _render_range(bounds: tuple[int, int]) -> PackedChunk:
 
 def render_in_pool(
     records: Sequence[Record], renderer: Renderer, num_proc: int, chunk: int
-) -> Iterator[tuple[list[Tokenized | DataError], Counter[str]]]:
-    """Each chunk's results (in input order) and the warnings it raised, rendered by `num_proc`
-    forked workers."""
+) -> Iterator[tuple[list[Tokenized | DataError], Counter[str], Counter[str]]]:
+    """Each chunk's results (in input order), and the warnings and tally it added, rendered by
+    `num_proc` forked workers."""
     ranges = [(start, min(start + chunk, len(records))) for start in range(0, len(records), chunk)]
     # fork: the workers inherit `records` and `renderer` (no pickling), as the initializer's arguments.
     # Frozen first: a worker's garbage collector would otherwise walk every inherited object, writing to
@@ -188,7 +221,7 @@ def render_in_pool(
         with mp.get_context("fork").Pool(num_proc, initializer=_init, initargs=(renderer, records)) as pool:
             gc.disable()
             for packed in pool.imap(_render_range, ranges):
-                yield packed.unpack(), packed.warnings
+                yield packed.unpack(), packed.warnings, packed.tally
     finally:
         if collecting:
             gc.enable()

@@ -208,3 +208,79 @@ def pad_token_id(tokenizer: PreTrainedTokenizerBase, end_of_turn: list[int] | No
         if candidate is not None:
             return candidate
     return 0
+
+
+# -- reasoning and history: what the template does, found by rendering probes (never by model name) --
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # message keys templates read (Qwen3, gpt-oss)
+INLINE = "inline"  # the reasoning written into the content as <think>R</think>, for templates that read no field
+_PROBE_THOUGHT, _PROBE_ANSWER = "sftkit probe thought", "sftkit probe answer"
+
+
+def inline_reasoning(reasoning: str, answer: str) -> str:
+    """A reply's content with its reasoning in front, as DeepSeek-R1 distills and Qwen3 write it."""
+    return f"<think>\n{reasoning}\n</think>\n\n{answer}"
+
+
+def reasoning_style(tokenizer: PreTrainedTokenizerBase, template_kwargs: dict | None = None) -> str | None:
+    """How this template shows an assistant turn's reasoning when that turn is the last one (the turn
+    being generated): the first message key of `REASONING_FIELDS` it renders, else `INLINE` when it
+    keeps `<think>...</think>` written in the content, else None (it cannot show reasoning at all,
+    e.g. DeepSeek-R1's template strips it from every turn)."""
+    kwargs = template_kwargs or {}
+    user = {"role": "user", "content": "sftkit probe question"}
+    candidates = [{"role": "assistant", "content": _PROBE_ANSWER, key: _PROBE_THOUGHT} for key in REASONING_FIELDS]
+    candidates.append({"role": "assistant", "content": inline_reasoning(_PROBE_THOUGHT, _PROBE_ANSWER)})
+    for style, reply in zip((*REASONING_FIELDS, INLINE), candidates):
+        try:
+            text = tokenizer.apply_chat_template([user, reply], tokenize=False, **kwargs)
+        except Exception:  # noqa: BLE001 - a template that refuses the probe shows no reasoning this way
+            continue
+        if _PROBE_THOUGHT in text and _PROBE_ANSWER in text:
+            return style
+    return None
+
+
+def history_rewrite(tokenizer: PreTrainedTokenizerBase, end_of_turn: str | None, template_kwargs: dict | None = None,
+                    reasoning: str | None = None) -> str | None:
+    """Why the template renders an earlier reply (or the prompt before it) differently once later turns
+    follow, or None when history stays exactly as it was generated. Probed on a two-reply chat with a
+    system prompt (left out if the template refuses one) and, when `reasoning` names a style, with
+    reasoning in both replies: each reply's prompt must be a prefix of the whole chat, and the reply
+    must read the same there as when it was the last turn, through `end_of_turn`."""
+    kwargs = template_kwargs or {}
+
+    def reply(n: int) -> dict:
+        answer, thought = f"{_PROBE_ANSWER} {n}", f"{_PROBE_THOUGHT} {n}"
+        if reasoning == INLINE:
+            return {"role": "assistant", "content": inline_reasoning(thought, answer)}
+        return {"role": "assistant", "content": answer, **({reasoning: thought} if reasoning else {})}
+
+    turns = [{"role": "user", "content": "sftkit probe question 1"}, reply(1),
+             {"role": "user", "content": "sftkit probe question 2"}, reply(2)]
+    plain = _rewrite(tokenizer, turns, end_of_turn, kwargs)
+    if plain is not None:
+        return plain
+    with_system = _rewrite(tokenizer, [{"role": "system", "content": "sftkit probe system"}, *turns], end_of_turn,
+                           kwargs)
+    return f"{with_system}, when there is a system prompt" if with_system else None
+
+
+def _rewrite(tokenizer: PreTrainedTokenizerBase, chat: list[dict], end_of_turn: str | None, kwargs: dict) -> str | None:
+    """`history_rewrite` on one probe chat; None also when the template refuses it (e.g. a system role)."""
+    try:
+        full = tokenizer.apply_chat_template(chat, tokenize=False, **kwargs)
+        for i in (len(chat) - 3, len(chat) - 1):
+            prompt = tokenizer.apply_chat_template(chat[:i], tokenize=False, add_generation_prompt=True, **kwargs)
+            alone = tokenizer.apply_chat_template(chat[: i + 1], tokenize=False, **kwargs)
+            if not full.startswith(prompt):
+                return "it rewrites the prompt before an earlier reply once later turns follow"
+            if _reply_text(alone, len(prompt), end_of_turn) != _reply_text(full, len(prompt), end_of_turn):
+                return "it renders an earlier reply differently from how it was generated"
+    except Exception:  # noqa: BLE001 - a template that refuses the probe chat
+        return None
+    return None
+
+
+def _reply_text(text: str, start: int, end_of_turn: str | None) -> str:
+    at = text.find(end_of_turn, start) if end_of_turn else -1
+    return text[start:] if at < 0 else text[start : at + len(end_of_turn)]
