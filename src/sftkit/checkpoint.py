@@ -57,6 +57,7 @@ from sftkit.durable import (
 )
 from sftkit.lora import save_options
 from sftkit.model import build_tiny_model, load_tokenizer
+from sftkit.portable import add_adapter_usage, save_tokenizer
 from sftkit.runlog import METRICS_FILE
 
 STATE_FILE = "trainer_state.json"
@@ -92,7 +93,8 @@ def save_hf_dir(
         generation.pad_token_id = pad_token_id(tokenizer, eos_ids)
     model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict, **save_options(model))
     generation.save_pretrained(directory)  # a PEFT adapter's save_pretrained leaves it out
-    tokenizer.save_pretrained(directory)
+    save_tokenizer(tokenizer, directory)
+    add_adapter_usage(directory)
 
 
 def save_tiny_model(config_json: str | Path, tokenizer_dir: str | Path, out_dir: str | Path, **shrink: Any) -> Path:
@@ -103,7 +105,7 @@ def save_tiny_model(config_json: str | Path, tokenizer_dir: str | Path, out_dir:
     out = Path(out_dir)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
     return out
 
 
@@ -219,7 +221,7 @@ def save_checkpoint(
             if sharded:
                 dist.barrier()
                 _write_shards(tmp, model, optimizer, dist.rank)
-                tokenizer.save_pretrained(tmp)
+                save_tokenizer(tokenizer, tmp)
             else:
                 save_hf_dir(tmp, model, tokenizer, eos_ids)
             config.dump(tmp / CONFIG_FILE)

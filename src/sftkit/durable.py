@@ -17,8 +17,9 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
-import tempfile
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,30 @@ def under(output_dir: str | Path, *parts: str) -> Path:
     if os.path.commonpath([root, path]) != root:
         raise UnsafePathError(f"refusing to write {path}: outside output_dir {root}")
     return Path(path)
+
+
+# -- file modes ---------------------------------------------------------------------------------
+def current_umask() -> int:
+    """The process's umask (read from /proc where it can be, without changing it even for an instant)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def plain_modes(directory: Path) -> None:
+    """Give every file under `directory` the mode `open()` gives a new file (0666 less the umask) and every
+    folder the mode `mkdir` gives (0777 less the umask): libraries that write through a private temporary
+    file (safetensors: 0600) would otherwise leave files that only their owner can read."""
+    mask = current_umask()
+    for path in directory.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 # -- durable files ------------------------------------------------------------------------------
@@ -123,7 +148,8 @@ def atomic_dir(target: Path, manifest: dict[str, Any] | None = None) -> Iterator
     """Yield `target.tmp` to write into; on success it replaces `target` in one rename.
 
     Every file is fsynced first (and listed with its sha256 in `checkpoint.json` when `manifest`
-    is given). If the body or the sync fails, `target.tmp` is removed and `target` is untouched.
+    is given), and gets the mode a plain `open()` gives under the umask (`plain_modes`). If the body
+    or the sync fails, `target.tmp` is removed and `target` is untouched.
     """
     target = Path(target)
     tmp = target.with_name(target.name + ".tmp")
@@ -131,6 +157,7 @@ def atomic_dir(target: Path, manifest: dict[str, Any] | None = None) -> Iterator
     tmp.mkdir(parents=True)
     try:
         yield tmp
+        plain_modes(tmp)
         if manifest is not None:
             write_manifest(tmp, manifest)
         else:
@@ -157,22 +184,18 @@ def _swap_in(tmp: Path, target: Path) -> None:
         fsync_dir(target.parent)
 
 
-
-
 @contextlib.contextmanager
 def atomic_file(target: Path) -> Iterator[Path]:
     """Yield a temporary path beside `target` to write; on success it is fsynced and renamed over `target`.
 
-    The file gets the permissions a plain `open()` would give it (0666 less the umask), not mkstemp's 0600."""
+    The file gets the mode a plain `open(target, "w")` would leave: an existing target's own mode, else
+    0666 less the umask (the kernel applies it as the file is created; mkstemp would give 0600)."""
     target = Path(target)
-    handle, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(handle)
-    temp = Path(name)
+    temp = _new_file(target.parent, f".{target.name}.", ".tmp")
     try:
         yield temp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temp, 0o666 & ~umask)
+        if target.is_file():
+            os.chmod(temp, stat.S_IMODE(target.stat().st_mode))
         with temp.open("rb") as written:
             os.fsync(written.fileno())
         os.replace(temp, target)
@@ -180,3 +203,15 @@ def atomic_file(target: Path) -> Iterator[Path]:
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+
+
+def _new_file(directory: Path, prefix: str, suffix: str) -> Path:
+    """A new empty file with a name no one else holds, created with mode 0666 less the umask."""
+    for _ in range(100):
+        path = directory / f"{prefix}{secrets.token_hex(4)}{suffix}"
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(errno.EEXIST, f"no free temporary name in {directory}")
