@@ -27,7 +27,8 @@ def test_defaults_and_types() -> None:
     config = load_config(None, BASE)
     assert config.model.dtype == "auto" and config.model.trust_remote_code is False
     assert config.model.attn_implementation == "sdpa"
-    assert config.data.train == ["data/train.jsonl"]  # a single path becomes a list
+    assert config.data.train == [str(Path.cwd() / "data/train.jsonl")]  # one path becomes a list, read from the cwd
+    assert config.output_dir == str(Path.cwd() / "runs/sft")
     assert config.data.template is None and config.data.strategy == "assistant"
     assert config.train.max_steps is None and config.train.resume is False
 
@@ -47,11 +48,12 @@ def test_overrides_are_yaml_values(tmp_path: Path) -> None:
     assert config.train.lr == 1e-5 and isinstance(config.train.lr, float)
     assert config.data.max_length == 1024
     assert config.train.resume is True
-    assert config.data.train == ["a.jsonl", "b.jsonl"]
+    assert config.data.train == [str(Path.cwd() / "a.jsonl"), str(Path.cwd() / "b.jsonl")]  # overrides: from the cwd
     assert config.data.template_kwargs == {"date_string": "26 Jul 2024"}
     assert config.data.columns == {"instruction": "question"}
     assert config.train.max_steps == 30
-    assert config.output_dir == "runs/x"
+    assert config.output_dir == str(Path.cwd() / "runs/x")
+    assert config.model.path == str(tmp_path / "m")  # the recipe's own paths: from the recipe's directory
 
 
 def test_max_steps_overrides_epochs() -> None:

@@ -4,7 +4,11 @@
     sftkit config keys [SECTION]        # every key with its type, default and description
 
 Every value on the command line is parsed with `yaml.safe_load`, so `true`, `1e-5`, `null` and
-`[a, b]` mean what they look like. Types and unknown keys are checked by pydantic against the
+`[a, b]` mean what they look like. Paths written in a recipe (model.path, data.train, data.eval, a
+data.template .jinja file, eval.reference_data, output_dir) are read from the recipe's own directory,
+so a recipe runs from any working directory; paths given on the command line, and the default
+output_dir, are read from the working directory. Both become absolute, so the resolved config written
+beside every run (sftkit_config.yaml) is itself a recipe that means the same wherever it is read. Types and unknown keys are checked by pydantic against the
 dataclasses of `sftkit.config`; every problem is a `ConfigError` naming the dotted key
 (`train.learning_rate: unknown key — did you mean 'train.lr'?`).
 """
@@ -12,6 +16,7 @@ dataclasses of `sftkit.config`; every problem is a `ConfigError` naming the dott
 from __future__ import annotations
 
 import difflib
+import os
 import types
 from dataclasses import MISSING, fields
 from functools import cache
@@ -36,9 +41,50 @@ SHORTHANDS = {"packing": "packed", "padding_free": "padding_free", "group_by_len
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML recipe (or start empty), apply dotted overrides, validate."""
-    raw = read_recipe(path) if path is not None else {}
-    return config_from_dict(apply_overrides(raw, list(overrides)))
+    """Read a YAML recipe (or start empty), apply dotted overrides, validate.
+
+    Relative paths in the recipe are resolved against the recipe's directory; those of the overrides
+    (and the default output_dir) against the working directory (`resolve_paths`)."""
+    raw = resolve_paths(read_recipe(path), Path(path).parent) if path is not None else {}
+    raw = apply_overrides(raw, list(overrides))
+    if isinstance(raw, dict) and "output_dir" not in raw:
+        raw["output_dir"] = next(f.default for f in fields(Config) if f.name == "output_dir")
+    return config_from_dict(resolve_paths(raw, Path.cwd()))
+
+
+def resolve_paths(raw: dict[str, Any], base: str | Path) -> dict[str, Any]:
+    """`raw` with every relative path made absolute against `base`: model.path, data.train (paths and the
+    `path` of `{path, weight}` entries), data.eval, data.template when it names a .jinja file,
+    eval.reference_data and output_dir. `~` is expanded; anything that is not a string is left for
+    validation to report."""
+    root = os.path.abspath(base)
+
+    def absolute(value: Any) -> Any:
+        if not isinstance(value, str) or not value.strip():
+            return value
+        return os.path.normpath(os.path.join(root, os.path.expanduser(value)))
+
+    raw = dict(raw)
+    sections = {name: dict(raw[name]) for name in ("model", "data", "eval") if isinstance(raw.get(name), dict)}
+    raw.update(sections)
+    if "model" in sections and "path" in sections["model"]:
+        sections["model"]["path"] = absolute(sections["model"]["path"])
+    data = sections.get("data", {})
+    train = data.get("train")
+    if isinstance(train, str):
+        data["train"] = absolute(train)
+    elif isinstance(train, list):
+        data["train"] = [absolute(entry) if isinstance(entry, str) else
+                         {**entry, "path": absolute(entry.get("path"))} if isinstance(entry, dict) else entry
+                         for entry in train]
+    for key in ("eval",) + (("template",) if str(data.get("template") or "").endswith(".jinja") else ()):
+        if key in data:
+            data[key] = absolute(data[key])
+    if "eval" in sections and "reference_data" in sections["eval"]:
+        sections["eval"]["reference_data"] = absolute(sections["eval"]["reference_data"])
+    if "output_dir" in raw:
+        raw["output_dir"] = absolute(raw["output_dir"])
+    return raw
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
@@ -125,12 +171,12 @@ def _expand_shorthands(data: dict[str, Any]) -> dict[str, Any]:
         named = [f"data.{k}" for k in chosen] + (["data.batching"] if "batching" in data else [])
         raise ConfigError(f"data.{chosen[-1]}: choose one way of batching (got {' and '.join(named)}); "
                           f"data.batching is one of {', '.join(BATCHING)}")
-    for key in SHORTHANDS:
+    for key, batching in SHORTHANDS.items():
         value = data.pop(key, None)
         if value not in (None, True, False):
             raise ConfigError(f"data.{key}: expected true or false, got {value!r}")
         if value:
-            data["batching"] = SHORTHANDS[key]
+            data["batching"] = batching
     return data
 
 
