@@ -32,6 +32,7 @@ from sftkit.config import CONFIG_FILE
 from sftkit.durable import atomic_dir
 from sftkit.lora import adapter_base, is_adapter_dir, load_adapter, save_options
 from sftkit.model import TORCH_DTYPES, ModelError
+from sftkit.portable import save_tokenizer
 
 
 def stored_dtype(model_dir: Path) -> torch.dtype:
@@ -88,7 +89,7 @@ def export(
             model.peft_config[model.active_adapter].base_model_name_or_path = str(base_dir.resolve())
             model.save_pretrained(tmp, safe_serialization=True, **save_options(model))
             model.generation_config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)  # loads under transformers 4.5x as well as 5.x
         if (adapter / CONFIG_FILE).is_file():
             shutil.copyfile(adapter / CONFIG_FILE, tmp / CONFIG_FILE)
     kind = "merged Hugging Face model (loads without PEFT)" if merge else "PEFT adapter"
