@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from sftkit.config import ConfigError
 from sftkit.data.formats import (
     FORMATS,
     DataFileError,
@@ -400,8 +401,10 @@ def test_empty_file_and_bad_arguments(tmp_path: Path) -> None:
         load_records(path)
     with pytest.raises(ValueError, match="on_error must be 'raise' or 'skip'"):
         load_records(DATA / "gsm8k.jsonl", on_error="ignore")
-    with pytest.raises(ValueError, match="unknown format 'chatml'"):
+    with pytest.raises(ConfigError, match=r"^--format / data.format: 'chatml' is not a format \(one of auto, messages"):
         load_records(DATA / "gsm8k.jsonl", format="chatml")
+    with pytest.raises(ConfigError, match="'alpca' is not a format — did you mean 'alpaca'?"):
+        load_records(DATA / "gsm8k.jsonl", format="alpca")
 
 
 @pytest.mark.parametrize("messages, kind, field_name", [

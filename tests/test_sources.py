@@ -11,7 +11,7 @@ import pytest
 
 from sftkit.data.formats import LoadReport
 from sftkit.data.messages import DataError, DataFileError, Problems
-from sftkit.data.sources import read_rows
+from sftkit.data.sources import expand_paths, read_paths, read_rows
 from tests.conftest import ASSETS
 
 DATA = ASSETS / "data"
@@ -169,3 +169,33 @@ def test_load_report_summary() -> None:
     report = LoadReport([], problems, "messages", "x.jsonl", dropped=Counter({"trailing turn": 4}))
     assert report.summary() == ("x.jsonl (messages): 0 records; skipped invalid: 2 unknown role, 1 bad JSON;"
                                 " dropped: 4 trailing turn")
+
+
+def test_expand_paths_says_what_is_wrong_with_a_path(tmp_path: Path) -> None:
+    (tmp_path / "hf" / "data").mkdir(parents=True)
+    (tmp_path / "hf" / "README.md").write_text("# card\n")
+    (tmp_path / "hf" / "data" / "train-00000.parquet").write_bytes(b"")
+    # a directory with only text files reads them (plain-text pre-training); here the card is not wanted:
+    # a Hugging Face snapshot keeps its data one level down, and the message says where
+    assert expand_paths(tmp_path / "hf") == [tmp_path / "hf" / "README.md"]
+    (tmp_path / "hf" / "README.md").unlink()
+    with pytest.raises(DataError) as info:
+        expand_paths(tmp_path / "hf")
+    assert str(info.value) == (
+        f"{tmp_path / 'hf'}: a directory without data files (.jsonl, .json, .parquet, .arrow, .txt, .md); its "
+        f"subdirectories hold .parquet files: use a glob such as {tmp_path / 'hf' / '**' / '*.parquet'}")
+    assert expand_paths(tmp_path / "hf" / "**" / "*.parquet") == [tmp_path / "hf" / "data" / "train-00000.parquet"]
+    with pytest.raises(DataError, match=r"absent/train.jsonl: not found: no such file \(absent is not in .*\) — a "
+                                        r"data path is a file, a directory of data files, or a glob"):
+        expand_paths(tmp_path / "absent" / "train.jsonl")
+    with pytest.raises(DataError, match="hf: a directory, not a file — this command reads one file: name it"):
+        read_rows(tmp_path / "hf")
+
+
+def test_read_paths_reads_the_files_of_a_glob_in_sorted_order(tmp_path: Path) -> None:
+    for name, rows in (("part-2.jsonl", ['{"text": "c"}']), ("part-1.jsonl", ['{"text": "a"}', '{"text": "b"}'])):
+        (tmp_path / name).write_text("\n".join(rows) + "\n")
+    assert list(read_paths(tmp_path / "part-*.jsonl")) == [
+        (f"{tmp_path / 'part-1.jsonl'}:1", {"text": "a"}), (f"{tmp_path / 'part-1.jsonl'}:2", {"text": "b"}),
+        (f"{tmp_path / 'part-2.jsonl'}:1", {"text": "c"})]
+    assert list(read_paths(tmp_path)) == list(read_paths(tmp_path / "part-*.jsonl"))

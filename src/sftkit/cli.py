@@ -162,7 +162,15 @@ def _add_data_clean(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_data_clean(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sftkit.data.messages import DataError
+    from sftkit.data.sources import expand_paths
     from sftkit.data.tools.clean import CleanOptions, clean_file, write_clean_report
+
+    if expand_paths(args.file) != [Path(args.file)]:  # a directory or a glob: clean writes one file back
+        raise DataError(args.file, "data clean cleans one file at a time (it writes it back in its own format)",
+                        hint="run it once per file")
 
     options = CleanOptions(
         dedupe=args.dedupe,
@@ -402,8 +410,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if not isinstance(err, user_errors()):
             raise
-        print(f"{_rank()}sftkit: error: {err}", file=sys.stderr)
+        switch = _skip_switch(args)
+        message = err.naming(switch) if switch and hasattr(err, "naming") else str(err)  # DataFileError's hint
+        print(f"{_rank()}sftkit: error: {message}", file=sys.stderr)
         return 2
+
+
+def _skip_switch(args: argparse.Namespace) -> str | None:
+    """How this command skips invalid records: a recipe's key, or the --skip-invalid flag (None: neither)."""
+    if args.command == "train" or (args.command == "data" and getattr(args, "config", None)):
+        return "data.skip_invalid=true (in the recipe, or after it on the command line)"
+    return "--skip-invalid" if hasattr(args, "skip_invalid") else None
 
 
 def _rank() -> str:

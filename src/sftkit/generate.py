@@ -58,7 +58,7 @@ def load_for_generation(
 
     A LoRA adapter directory (adapter_config.json) is loaded onto its local base model (sftkit.lora).
     """
-    target = resolve_device(device)
+    target = resolve_device(device, "--device")
     if is_adapter_dir(model_dir):
         model, tokenizer = load_adapter(model_dir, device=target, dtype=resolve_dtype(dtype, target))
         if not tokenizer.chat_template:

@@ -36,11 +36,29 @@ class ModelError(ValueError):
     """The model directory cannot be used (missing, a hub id, no safetensors weights, ...)."""
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """`auto` -> cuda when available, else cpu."""
+def resolve_device(name: str = "auto", what: str = "train.device") -> torch.device:
+    """`auto` -> cuda when available, else cpu; a named device must exist here, else a `ModelError` naming
+    `what` (the key or flag it came from), raised before anything is loaded."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ModelError(f"{what}: {name!r} is not a device — use auto, cpu, cuda, cuda:N or mps") from None
+    backend = getattr(torch, device.type, None) if device.type != "cpu" else None
+    if device.type == "mps":
+        backend = torch.backends.mps
+    available = device.type == "cpu" or (backend is not None and backend.is_available())
+    if not available:
+        why = {"cuda": f"this torch ({torch.__version__}) is built without CUDA" if torch.version.cuda is None
+               else "no CUDA GPU is visible (driver, CUDA_VISIBLE_DEVICES)",
+               "mps": "MPS needs an Apple-silicon Mac and a torch built for it"}.get(device.type, "torch cannot use it")
+        raise ModelError(f"{what}: {name!r} is not available on this machine: {why} — use {what}=cpu, or auto "
+                         "(a GPU when there is one, else the CPU)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ModelError(f"{what}: {name!r} does not exist: this machine has {torch.cuda.device_count()} CUDA "
+                         f"GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -54,6 +54,7 @@ with its kind ("unknown role: 'bot' ..."); `load_records` raises them together a
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -75,7 +76,8 @@ from sftkit.data.fields import (
     typed,
 )
 from sftkit.data.messages import DataError, DataFileError, Message, Problems, RawText, Record
-from sftkit.data.sources import Row, read_rows
+from sftkit.config import ConfigError
+from sftkit.data.sources import Row, read_paths
 
 __all__ = ["FORMATS", "DataFileError", "LoadReport", "detect_format", "load_records"]
 
@@ -129,6 +131,8 @@ def load_records(path: str | Path, *, format: str = "auto", columns: dict[str, s
                  on_error: str = "raise", max_errors: int = 5) -> LoadReport:
     """Read `path` and turn every row into records of `format` (detected from the first row).
 
+    `path` is a file, a glob or a directory (`sources.expand_paths`): one dataset, one format.
+
     `columns` renames the file's columns to ours before anything else, e.g. Dolly:
     ``{"instruction": "instruction", "input": "context", "output": "response"}``.
     on_error="raise": stop at `max_errors` invalid records and raise one `DataFileError` listing
@@ -137,15 +141,22 @@ def load_records(path: str | Path, *, format: str = "auto", columns: dict[str, s
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
-    if format != "auto" and format not in FORMATS:
-        raise ValueError(f"unknown format {format!r}; choose one of auto, {', '.join(FORMATS)}")
+    if format != "auto" and format not in FORMATS:  # a user's typo: one message, before any file is read
+        close = difflib.get_close_matches(format, ("auto", *FORMATS), n=1)
+        raise ConfigError(f"--format / data.format: {format!r} is not a format"
+                          + (f" — did you mean {close[0]!r}?" if close else "")
+                          + f" (one of auto, {', '.join(FORMATS)})")
     report = LoadReport([], Problems(on_error == "skip", max_errors), format, str(path))
     adapt: Adapter | None = None
     renames = dict(columns or {})
     rows = 0
-    for source, row in read_rows(path):
+    for source, row in read_paths(path):
         rows += 1
         if adapt is None and not isinstance(row, DataError):  # an unknown format raises here
+            if missing := [theirs for theirs in renames.values() if theirs not in row]:
+                raise DataError(source, f"no column {', '.join(map(repr, missing))} (named by --columns / "
+                                f"data.columns); this row has {', '.join(map(repr, row)) or 'no columns'}",
+                                hint="map sftkit's names to the file's, e.g. prompt=question,completion=answer")
             report.format, adapt, renames = _choose(format, row, source, renames)
         try:
             if isinstance(row, DataError):

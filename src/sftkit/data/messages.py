@@ -82,8 +82,13 @@ class DataError(ValueError):
         return self.problem.split(":")[0].split("(")[0].strip()
 
 
-SKIP_HINT = ("fix the records, or skip and count invalid ones: data.skip_invalid=true in a recipe, "
-             "--skip-invalid on the command line")
+def skip_hint(switch: str = "data.skip_invalid=true in a recipe, --skip-invalid on the command line") -> str:
+    """What to do about invalid records; `switch` is how the command at hand skips them (`sftkit.cli`
+    names its own: `data.skip_invalid=true` for a recipe, `--skip-invalid` for `data preview --data` / `clean`)."""
+    return f"fix the records, or skip and count invalid ones: {switch}"
+
+
+SKIP_HINT = skip_hint()
 
 
 class DataFileError(DataError):
@@ -101,6 +106,10 @@ class DataFileError(DataError):
 
     def __reduce__(self) -> tuple:
         return (self.__class__, self._init_args)
+
+    def naming(self, switch: str) -> str:
+        """The message with the skip hint of one command's `switch`, e.g. `--skip-invalid`."""
+        return self.args[0].removesuffix(SKIP_HINT) + skip_hint(switch)
 
 
 @dataclass

@@ -4,7 +4,10 @@
     for source, row in read_rows("data/train.jsonl"):
         ...   # source == "data/train.jsonl:12"; row is a dict, or a DataError for an unreadable row
 
-Used by `sftkit.data.formats.load_records` (and so by `sftkit train` / `sftkit data preview`).
+Used by `sftkit.data.formats.load_records` (and so by `sftkit train` / `sftkit data preview`),
+which reads every file `expand_paths` names: a file, a glob (``data/part-*.jsonl``, ``**`` too; the
+matches in sorted order) or a directory (its data files in sorted order). A glob or a directory is
+one dataset: its files share one format, detected from the first row.
 
 Supported files, by suffix:
 
@@ -25,9 +28,11 @@ a ``.json`` document that does not parse) raise `DataError` at once.
 
 from __future__ import annotations
 
+import glob
 import json
 import re
 from collections.abc import Callable, Iterator
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +45,62 @@ RowOrError = tuple[str, Row | DataError]
 TEXT_SUFFIXES = (".txt", ".md")
 SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow") + TEXT_SUFFIXES
 DOC_SEPARATOR = "---"
+STRUCTURED = (".jsonl", ".json", ".parquet", ".arrow")
+GLOB_CHARS = frozenset("*?[")
+
+
+def expand_paths(path: str | Path) -> list[Path]:
+    """The files `path` names: itself (a file), the sorted matches of a glob, or a directory's data files.
+
+    A directory gives its files with a structured suffix (.jsonl .json .parquet .arrow), or, when it
+    has none, its .txt / .md files; hidden files are left out, subdirectories are not searched. A
+    directory holding several structured suffixes (a `datasets` save: .arrow shards + state.json) is
+    a `DataError` that asks for a glob, as are an empty glob and a directory without data files.
+    """
+    text = str(path)
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return _directory_files(path)
+    if GLOB_CHARS & set(text):
+        matches = sorted(Path(match) for match in glob.glob(text, recursive=True) if Path(match).is_file())
+        if not matches:
+            raise DataError(text, "no file matches this pattern",
+                            hint="check the directory and the suffix, e.g. data/*.jsonl (** for subdirectories)")
+        return matches
+    parent = next((p for p in path.parents if p.is_dir()), Path("."))
+    missing = path if parent == path.parent else path.relative_to(parent).parts[0]
+    raise DataError(text, f"not found: no such file{'' if parent == path.parent else f' ({missing} is not in {parent})'}",
+                    hint="a data path is a file, a directory of data files, or a glob such as data/*.jsonl")
+
+
+def _directory_files(directory: Path) -> list[Path]:
+    files = sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith("."))
+    structured = [p for p in files if p.suffix.lower() in STRUCTURED]
+    chosen = structured or [p for p in files if p.suffix.lower() in TEXT_SUFFIXES]
+    suffixes = sorted({p.suffix.lower() for p in chosen})
+    if len(suffixes) > 1:
+        raise DataError(str(directory), f"a directory with {' and '.join(suffixes)} files: which are the data?",
+                        hint=f"name them with a glob, e.g. {directory / ('*' + suffixes[0])}")
+    if not chosen:
+        below = sorted({p.suffix.lower() for p in directory.rglob("*") if p.suffix.lower() in SUFFIXES})
+        where = (f"; its subdirectories hold {', '.join(below)} files: use a glob such as "
+                 f"{directory / '**' / ('*' + below[0])}" if below else "")
+        raise DataError(str(directory), f"a directory without data files ({', '.join(SUFFIXES)}){where}")
+    return chosen
+
+
+def read_paths(path: str | Path) -> Iterator[RowOrError]:
+    """`read_rows` of every file `expand_paths(path)` names, one after the other."""
+    return chain.from_iterable(read_rows(file) for file in expand_paths(path))
 
 
 def read_rows(path: str | Path) -> Iterator[RowOrError]:
-    """Yield `(source, row)` for every row of `path`; see the module docstring for the formats."""
+    """Yield `(source, row)` for every row of the file `path`; see the module docstring for the formats."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(str(path), "a directory, not a file", hint="this command reads one file: name it")
     if not path.is_file():
         raise DataError(str(path), "not found: no such file")
     suffix = path.suffix.lower()
