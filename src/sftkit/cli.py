@@ -6,9 +6,11 @@
     sftkit data inspect FILE [--tokenizer DIR] [--template NAME] [--max-length N] [--report DIR]
     sftkit data clean FILE --out FILE [--near-dup-threshold 0.85] [--min-reply-chars N]
                       [--tokenizer DIR --max-tokens N] [--drop-pattern REGEX ...] [--drop-refusals]
-    sftkit train [--nproc N] CONFIG.yaml [key=value ...]
+    sftkit data distill --teacher DIR|URL --prompts FILE --out FILE [--n K] [--temperature T]
+    sftkit train [--nproc N] [--overwrite] CONFIG.yaml [key=value ...]
     sftkit generate --model DIR --prompt TEXT [--system TEXT] [--max-new-tokens N] [--temperature T]
     sftkit chat --model DIR
+    sftkit serve --model DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY]   # OpenAI-compatible
     sftkit export ADAPTER_DIR --out DIR [--merge] [--base DIR] [--dtype auto|float32|bfloat16|float16]
     sftkit model tiny --config ARCH.json --tokenizer DIR --out DIR
     sftkit diff BASE TUNED [--png FILE] [--threshold 0.01] [--per-tensor] [--json FILE]
@@ -376,6 +378,53 @@ def _version() -> str:
         return "sftkit (not installed)"
 
 
+def _add_serve(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("serve", help="an OpenAI-compatible HTTP endpoint over a trained directory (small loads)")
+    p.add_argument("--model", required=True, help="trained model directory or LoRA adapter, e.g. runs/tiny/final")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY`")
+    p.add_argument("--name", help="the model's name in the API (default: the directory's name)")
+    p.add_argument("--max-batch", type=int, default=8, help="concurrent requests answered in one batch")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from sftkit.serve import serve
+
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key, model_name=args.name,
+          device=args.device, max_batch=args.max_batch)
+    return 0
+
+
+def _add_data_distill(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("distill", help="training data from a teacher: a model directory or an OpenAI-compatible URL")
+    p.add_argument("--teacher", required=True, help="model directory, or an endpoint such as http://127.0.0.1:8000/v1")
+    p.add_argument("--prompts", required=True, help=".txt (one prompt per line) or .jsonl ({prompt} or {messages})")
+    p.add_argument("--out", required=True, help="messages JSONL to write (appended to: a killed run resumes)")
+    p.add_argument("--n", type=int, default=1, help="replies per prompt (default 1)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--model", help="the endpoint's model name (default: the first it lists)")
+    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="default: $OPENAI_API_KEY")
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight, or the local batch size")
+    p.add_argument("--drop-refusals", action="store_true", help="drop replies matching data clean's refusal list")
+    p.add_argument("--dedupe", action="store_true", help="drop a reply equal to an earlier one to the same prompt")
+    p.set_defaults(func=_run_data_distill)
+
+
+def _run_data_distill(args: argparse.Namespace) -> int:
+    from sftkit.distill import Teacher, distill
+
+    teacher = Teacher(args.teacher, model=args.model, api_key=args.api_key, max_new_tokens=args.max_new_tokens,
+                      temperature=args.temperature, top_p=args.top_p, concurrency=args.concurrency)
+    report = distill(teacher, args.prompts, args.out, n=args.n, drop_refusals=args.drop_refusals, dedupe=args.dedupe)
+    print(report.summary(args.out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sftkit", description="Supervised fine-tuning of language models.")
     parser.add_argument("--version", action="version", version=_version())
@@ -384,8 +433,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_preview(data)
     _add_data_inspect(data)
     _add_data_clean(data)
+    _add_data_distill(data)
     _add_train(commands)
     _add_generate(commands)
+    _add_serve(commands)
     _add_export(commands)
     _add_model_tiny(commands)
     _add_evidence(commands)

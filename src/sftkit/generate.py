@@ -116,12 +116,7 @@ def generate_reply(
     """The assistant's next turn after `messages` (greedy when temperature == 0)."""
     prompt = encode_prompt(tokenizer, messages, template_kwargs)
     stops = stop_ids(model, tokenizer, template_kwargs)
-    pad_id = pad_token_id(tokenizer, stops)
-    config = copy.deepcopy(model.generation_config)
-    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {
-        "do_sample": False, "temperature": None, "top_p": None, "top_k": None,
-    }
-    config.update(max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad_id, **sampling)
+    config = generation_config(model, stops, pad_token_id(tokenizer, stops), max_new_tokens, temperature)
     input_ids = torch.tensor([prompt], device=model.device)
     was_training = model.training
     model.eval()
@@ -134,6 +129,63 @@ def generate_reply(
     ids = out[0, len(prompt) :].tolist()
     stopped = bool(ids) and ids[-1] in stops
     return Reply(tokenizer.decode(ids, skip_special_tokens=True).strip(), ids, stopped)
+
+
+def generation_config(model: PreTrainedModel, stops: list[int], pad_id: int, max_new_tokens: int,
+                      temperature: float, top_p: float | None = None) -> Any:
+    """The model's generation config, stopping at `stops`; greedy when temperature == 0."""
+    config = copy.deepcopy(model.generation_config)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
+        "do_sample": False, "temperature": None, "top_p": None, "top_k": None,
+    }
+    config.update(max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad_id, **sampling)
+    return config
+
+
+@torch.no_grad()
+def generate_replies(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: list[list[dict[str, Any]]],
+    *,
+    max_new_tokens: int | list[int] = 256,
+    temperature: float = 0.0,
+    top_p: float | None = None,
+    template_kwargs: dict | None = None,
+    batch_size: int = 8,
+) -> list[Reply]:
+    """The assistant's next turn after each conversation, `batch_size` at a time (left-padded, prompts of
+    similar length together). Greedy replies are the ones `generate_reply` gives one by one. A list
+    `max_new_tokens` gives each conversation its own limit (`sftkit serve` batches requests)."""
+    limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(conversations)
+    stops = stop_ids(model, tokenizer, template_kwargs)
+    pad_id = pad_token_id(tokenizer, stops)
+    prompts = [encode_prompt(tokenizer, messages, template_kwargs) for messages in conversations]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    replies: list[Reply | None] = [None] * len(prompts)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            width = max(len(prompts[i]) for i in rows)
+            input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for row, i in enumerate(rows):
+                input_ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+                attention_mask[row, width - len(prompts[i]) :] = 1
+            config = generation_config(model, stops, pad_id, max(limits[i] for i in rows), temperature, top_p)
+            out = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
+                                 generation_config=config)
+            for row, i in enumerate(rows):
+                new = out[row, width:].tolist()
+                end = next((k + 1 for k, token in enumerate(new) if token in stops), None)
+                ids = new[: min(end or len(new), limits[i])]
+                stopped = bool(ids) and ids[-1] in stops
+                replies[i] = Reply(tokenizer.decode(ids, skip_special_tokens=True).strip(), ids, stopped)
+    finally:
+        model.train(was_training)
+    return replies  # type: ignore[return-value]
 
 
 def generate_command(
