@@ -75,7 +75,7 @@ class RenderReport:
         parts += [f"{untrained} repl{'y is' if untrained == 1 else 'ies are'} not trained (the prompt before "
                   "them is rewritten)"] if untrained else []
         fix = " — data.turns=per_turn trains every reply as generated" if "per_turn" not in self.turns else ""
-        return "warning: " + "; ".join(parts) + fix
+        return "warning: " + "; ".join(parts) + fix + " (docs/renderer-notes.md)"
 
     def summary(self) -> str:
         lines = [f"{len(self.examples)} examples, {self.total_tokens} tokens, {self.trained_tokens} trained"]
@@ -85,7 +85,8 @@ class RenderReport:
         if self.skipped:
             lines.append("skipped invalid: " + ", ".join(f"{n} ({kind})" for kind, n in self.skipped.items()))
         if self.warnings:
-            lines.append("notes: " + ", ".join(f"{kind}={n}" for kind, n in sorted(self.warnings.items())))
+            lines.append("notes: " + ", ".join(f"{kind}={n}" for kind, n in sorted(self.warnings.items()))
+                         + " (what each means and what to do: docs/renderer-notes.md)")
         return "\n".join(lines)
 
 
