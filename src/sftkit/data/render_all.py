@@ -61,8 +61,9 @@ class RenderReport:
         than inference generates them (printed by `data preview` and in the run summary)."""
         lines = [f"turns: {self.turns}"] if self.turns else []
         if self.repeated_tokens:
-            lines.append(f"per_turn cost: {self.repeated_tokens} of the {self.total_tokens} tokens "
-                         f"({self.repeated_tokens / max(self.total_tokens, 1):.0%}) repeat earlier turns as prompts")
+            once = self.total_tokens - self.repeated_tokens  # each conversation's last example: the chat once
+            lines.append(f"per_turn cost: {self.total_tokens} tokens where one render per conversation takes {once} "
+                         f"(x{self.total_tokens / max(once, 1):.2f}): earlier turns repeat as prompts")
         return lines + ([note] if (note := self.rewritten_note()) else [])
 
     def rewritten_note(self) -> str:
