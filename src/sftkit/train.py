@@ -37,7 +37,7 @@ from sftkit.data.templates import end_of_turn_token_ids, pad_token_id
 from sftkit.evaluate.monitor import Monitor
 from sftkit.evaluate.perplexity import eval_loss
 from sftkit.generate import generate_reply
-from sftkit.lora import setup_lora_model
+from sftkit.lora import check_quantization, setup_lora_model
 from sftkit.model import load_model, load_prepared_tokenizer
 from sftkit.runlog import RunLog, end_summary, peak_memory_gb, summary
 
@@ -254,6 +254,7 @@ def setup(config: Config, dist: distributed.Local) -> Run:
         print(f"train.resume: no complete checkpoint under {out / 'checkpoints'}; starting from step 0")
 
     weights = checkpoint.weights_from(resume_from)
+    check_quantization(config.lora, dist.device)  # QLoRA where it cannot run: before the data too
     prepared = setup_tokenizer(config, weights)  # fail fast: a wrong model.path or template, then every data
     train_split, eval_split = setup_data(config, prepared[0])  # error, before minutes of loading weights
     model, tokenizer, added = setup_model(config, dist.device, weights, prepared)
