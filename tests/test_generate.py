@@ -167,3 +167,21 @@ def test_ctrl_c_at_the_prompt_ends_the_session_without_a_traceback(tiny_dir: Pat
     assert [m["role"] for m in messages] == ["user", "assistant"]
     captured = capsys.readouterr()
     assert "Traceback" not in captured.out + captured.err
+
+
+def test_ctrl_c_at_the_prompt_of_a_real_chat_process_exits_cleanly(tiny_dir: Path) -> None:
+    import subprocess
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "sftkit", "chat", "--model", str(tiny_dir), "--device", "cpu",
+                                "--max-new-tokens", "2"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        banner = process.stdout.readline()  # the model is loaded; the next line read is the user's
+        assert banner.startswith("sftkit chat"), process.stderr.read()
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
