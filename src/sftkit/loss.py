@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from typing import Any
 
 import torch
@@ -42,20 +43,45 @@ LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier
                     "logits_scaling")
 
 
-def token_loss_sum(model: PreTrainedModel, batch: dict[str, torch.Tensor], chunk: int | None = None) -> torch.Tensor:
-    """Sum of next-token cross-entropies over the trained positions (labels != -100 after the shift)."""
+def token_loss_sum(model: PreTrainedModel, batch: dict[str, torch.Tensor], chunk: int | None = None,
+                   parts: dict[str, float] | None = None) -> torch.Tensor:
+    """Sum of next-token cross-entropies over the trained positions (labels != -100 after the shift).
+
+    A mixture-of-experts model that defines a router load-balancing loss (`router_loss`) adds it the way
+    transformers does (`loss += router_aux_loss_coef * aux_loss`), per trained token so that it survives the
+    division by the window's trained tokens: the sum gets `coef * aux * n_trained`. `parts`, when given,
+    receives "cross_entropy" (the sum without it) and, for such models, "router_loss" (aux, unscaled).
+    """
     labels = batch["labels"][:, 1:]  # position t predicts the token at t + 1
     trained = F.pad(labels != IGNORE_INDEX, (0, 1))  # (batch, length): positions whose prediction is trained
     targets = labels[labels != IGNORE_INDEX]
     inputs = model_inputs(model, batch)
     if not len(targets):  # an idle batch (torchrun: a rank's empty share of a short last micro-batch)
         return idle_loss(model, inputs)
+    router = router_loss_function(model)
+    if router is not None:
+        inputs["output_router_logits"] = True
     kind = head_kind(model)
     if kind == "model":
-        return F.cross_entropy(_model_logits(model, inputs, trained).float(), targets, reduction="sum")
-    base = _base(model)
-    hidden = base.base_model(**inputs).last_hidden_state
-    hidden = hidden.reshape(trained.shape + hidden.shape[-1:])[trained]  # flattened rows come back as one
+        outputs = _model_outputs(model, inputs, trained)
+        loss = F.cross_entropy(outputs.logits.float(), targets, reduction="sum")
+    else:
+        base = _base(model)
+        outputs = base.base_model(**inputs)
+        hidden = outputs.last_hidden_state
+        hidden = hidden.reshape(trained.shape + hidden.shape[-1:])[trained]  # flattened rows come back as one
+        loss = _head_loss(base, hidden, targets, kind, chunk)
+    if parts is not None:
+        parts["cross_entropy"] = float(loss.detach())
+    if router is not None and getattr(outputs, "router_logits", None) is not None:
+        aux, coef = router(outputs.router_logits, trained.reshape(inputs["input_ids"].shape))
+        loss = loss + coef * aux * len(targets)
+        if parts is not None:
+            parts["router_loss"] = float(aux.detach())
+    return loss
+
+
+def _head_loss(base: Any, hidden: torch.Tensor, targets: torch.Tensor, kind: str, chunk: int | None) -> torch.Tensor:
     head = base.get_output_embeddings()
     chunk = chunk or max(1, CHUNK_ELEMENTS // base.config.get_text_config().vocab_size)
     if kind == "module":
@@ -64,6 +90,22 @@ def token_loss_sum(model: PreTrainedModel, batch: dict[str, torch.Tensor], chunk
         loss = _liger_loss()(head.weight, hidden, targets, head.bias)
         return loss[0] if isinstance(loss, tuple) else loss  # newer versions may return (loss, z_loss)
     return linear_cross_entropy(hidden, head.weight, head.bias, targets, chunk)
+
+
+def router_loss_function(model: PreTrainedModel) -> Any:
+    """For a mixture-of-experts model with a load-balancing loss: f(router_logits, tokens mask) -> (aux, coef),
+    with transformers' own `load_balancing_loss_func` of that model on the masked tokens; else None."""
+    base = _base(model)
+    function = getattr(sys.modules.get(type(base).__module__), "load_balancing_loss_func", None)
+    coef = getattr(base, "router_aux_loss_coef", getattr(base.config, "router_aux_loss_coef", None))
+    experts, top_k = getattr(base, "num_experts", None), getattr(base, "num_experts_per_tok", None)
+    if function is None or not coef or not isinstance(experts, int) or not isinstance(top_k, int):
+        return None
+
+    def aux_loss(router_logits: Any, mask: torch.Tensor) -> tuple[torch.Tensor, float]:
+        return function(tuple(router_logits), experts, top_k, mask), float(coef)
+
+    return aux_loss
 
 
 def idle_loss(model: PreTrainedModel, inputs: dict[str, Any]) -> torch.Tensor:
@@ -163,16 +205,20 @@ def _module_cross_entropy(head: torch.nn.Module, hidden: torch.Tensor, targets: 
     return total
 
 
-def _model_logits(model: PreTrainedModel, inputs: dict[str, Any], trained: torch.Tensor) -> torch.Tensor:
-    """Logits of the trained positions from the model's own forward (its own logit transform applies)."""
-    trained = trained.reshape(inputs["input_ids"].shape)  # flash inputs are one flattened row
+def _model_outputs(model: PreTrainedModel, inputs: dict[str, Any], trained: torch.Tensor) -> Any:
+    """The model's own forward (its own logit transform applies), `.logits` those of the trained positions."""
+    trained = trained.reshape(inputs["input_ids"].shape)  # document attention: the rows flattened into one
     keeps = _logits_to_keep_kind(model)
     if keeps == "mask":  # transformers 5: logits of the True positions only, flattened in row order
-        return model(**inputs, logits_to_keep=trained).logits
+        return model(**inputs, logits_to_keep=trained)
     if keeps == "positions":  # older: the same positions for every row
         columns = trained.any(dim=0).nonzero().squeeze(1)
-        return model(**inputs, logits_to_keep=columns).logits[trained[:, columns]]
-    return model(**inputs).logits[trained]
+        outputs = model(**inputs, logits_to_keep=columns)
+        outputs.logits = outputs.logits[trained[:, columns]]
+        return outputs
+    outputs = model(**inputs)
+    outputs.logits = outputs.logits[trained]
+    return outputs
 
 
 def _logits_to_keep_kind(model: torch.nn.Module) -> str:
