@@ -29,7 +29,7 @@ from transformers import (
 )
 
 from sftkit import checkpoint, distributed, faults, rundir
-from sftkit.attention import use_document_attention
+from sftkit.attention import check_batching, use_document_attention
 from sftkit.config import CONFIG_FILE, Config, TrainConfig
 from sftkit.data.batches import Batcher, trained_token_count
 from sftkit.data.load import Split, dated_template_note, load_data, prompt_of
@@ -247,6 +247,7 @@ def loop(run: Run, stop: faults.StopSignals) -> Path:
 def setup(config: Config, dist: distributed.Local) -> Run:
     """Model, data, optimizer, logs and the state to start from (step 0, or the latest checkpoint)."""
     out, tc = Path(config.output_dir), config.train
+    check_batching(config.model.path, config.data.batching, config.model.attn_implementation)  # before any data
     faults.check_output_dir(out)  # an unwritable output_dir fails now, not at the first checkpoint
     set_seed(tc.seed)
     resume_from = checkpoint.latest_checkpoint(out, dist) if tc.resume else None
