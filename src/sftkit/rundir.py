@@ -21,8 +21,7 @@ from typing import Any
 import yaml
 
 from sftkit.config import CONFIG_FILE, Config, ConfigError
-
-STOPPED_FILE = "STOPPED"
+from sftkit.faults import STOPPED_FILE
 RUN_FILES = (CONFIG_FILE, "metrics.jsonl", "tb", "loss.png", "checkpoints", "final", "best", STOPPED_FILE)
 # keys a resumed run may change: they decide where and how it runs, not what it trains
 RESUMABLE = {
