@@ -342,6 +342,47 @@ def _run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_eval(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("eval", help="score a model on a task file (accuracy, 95%% interval, every reply), or run "
+                                         "lm-evaluation-harness tasks on it")
+    p.add_argument("--model", required=True, help="a trained directory (final/, best/, checkpoints/step-N/, an adapter)")
+    p.add_argument("--tasks", help="JSONL task file: {prompt|messages, expected, match} or {choices, answer} a line")
+    p.add_argument("--base", help="also score this model (the one before fine-tuning), side by side")
+    p.add_argument("--few-shot", type=int, metavar="K", help="prompt the base (or, alone, the model) with K solved "
+                                                             "items of the file; plain text without a template")
+    p.add_argument("--out", help="directory for results.jsonl and summary.json (default: runs/eval/TASKS-STEM)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=32, help="prompts generated together (left-padded)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--lm-eval", metavar="TASKS", help="lm-evaluation-harness task names or YAML files (comma-"
+                                                      "separated), run offline on --model (pip install 'sftkit[eval]')")
+    p.add_argument("--limit", type=int, help="with --lm-eval: the first N items of each task")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from sftkit.config import ConfigError
+
+    for name in ("few_shot", "limit"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 0")
+    if args.max_new_tokens < 1 or args.batch_size < 1:
+        raise ConfigError("--max-new-tokens and --batch-size must be >= 1")
+    if args.lm_eval:
+        from sftkit.evaluate.lm_eval_run import run_lm_eval
+
+        run_lm_eval(args.model, args.lm_eval, few_shot=args.few_shot, limit=args.limit, out=args.out,
+                    batch_size=args.batch_size, device=args.device, max_new_tokens=args.max_new_tokens)
+        return 0
+    if not args.tasks:
+        raise ConfigError("sftkit eval: give --tasks FILE (a task file) or --lm-eval TASKS (harness tasks)")
+    from sftkit.evaluate.task_eval import eval_command
+
+    eval_command(args.model, args.tasks, base=args.base, few_shot=args.few_shot, out=args.out,
+                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, device=args.device)
+    return 0
+
+
 def _add_config_keys(commands: argparse._SubParsersAction) -> None:
     config = commands.add_parser("config", help="recipe keys").add_subparsers(dest="config_command", required=True)
     p = config.add_parser("keys", help="every recipe key with its type, default and description",
@@ -440,6 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(commands)
     _add_model_tiny(commands)
     _add_evidence(commands)
+    _add_eval(commands)
     _add_config_keys(commands)
     for plugin in entry_points(group="sftkit.commands"):  # e.g. `sftkit demo`, from demo/ (never imported here)
         plugin.load()(commands)

@@ -364,10 +364,22 @@ class EvalConfig:
     text); its perplexity is measured before training and at every eval: the forgetting monitor."""
     forgetting_tolerance: float = 0.2
     """Warn when the reference perplexity rises by more than this fraction over the base model's (0.2 = +20%)."""
+    tasks: str | None = None
+    """A task file (`sftkit eval --tasks`: {prompt|messages, expected, match} or {choices, answer} a line) scored
+    at every eval with greedy replies through the chat template: task_accuracy etc. in metrics.jsonl."""
+    tasks_max_new_tokens: int = 128
+    """Longest reply generated per task item (the same default as `sftkit eval --max-new-tokens`)."""
+    best_metric: Literal["eval_loss", "task_accuracy"] = "eval_loss"
+    """What train.keep_best and train.early_stopping_patience follow: the lowest eval loss, or the highest
+    task accuracy (needs eval.tasks; no eval split needed then)."""
 
     def __post_init__(self) -> None:
         if not (self.forgetting_tolerance >= 0 and math.isfinite(self.forgetting_tolerance)):
             _fail("eval.forgetting_tolerance", f"{self.forgetting_tolerance} must be a number >= 0")
+        if self.tasks_max_new_tokens < 1:
+            _fail("eval.tasks_max_new_tokens", f"{self.tasks_max_new_tokens} must be >= 1")
+        if self.best_metric == "task_accuracy" and not self.tasks:
+            _fail("eval.best_metric", "task_accuracy needs a task file: eval.tasks=FILE")
 
 
 SECTIONS: tuple[type, ...] = (ModelConfig, DataConfig, TrainConfig, LoraConfig, EvalConfig)
@@ -389,8 +401,9 @@ class Config:
     def __post_init__(self) -> None:
         tc = self.train
         for name, on in (("keep_best", tc.keep_best), ("early_stopping_patience", tc.early_stopping_patience)):
-            if on and not (self.data.eval or self.data.eval_fraction):
-                _fail(f"train.{name}", "needs an eval split (data.eval or data.eval_fraction)")
+            if on and not (self.data.eval or self.data.eval_fraction) and self.eval.best_metric == "eval_loss":
+                _fail(f"train.{name}", "needs an eval split (data.eval or data.eval_fraction), or a task file to "
+                                       "follow (eval.tasks=FILE eval.best_metric=task_accuracy)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
