@@ -149,3 +149,14 @@ def test_qwen3_enable_thinking_false_with_reasoning_to_train_is_refused_with_the
     assert "q:1: no trained token: no assistant reply can be trained with this template" in str(info.value)
     assert "set data.reasoning=drop" in str(info.value)
     assert renderer.warnings["prompt_rewritten"] == 2
+
+
+def test_masked_reasoning_before_a_tool_call_trains_the_call() -> None:
+    from tests.test_turns import AGENT
+
+    tokenizer = qwen3()
+    examples = Renderer(tokenizer, turns="per_turn", reasoning="mask").render_turns(AGENT)
+    texts = [coloured(e, tokenizer, colour=False) for e in examples]
+    assert texts[0].endswith('<think>\nParis first.\n</think>\n\n[[<tool_call>\n{"name": "weather", "arguments": '
+                             '{"city": "Paris"}}\n</tool_call><|im_end|>]]')
+    assert texts[2].endswith("<think>\nBoth known.\n</think>\n\n[[Paris 18C and sunny; Rome 24C and clear.<|im_end|>]]")

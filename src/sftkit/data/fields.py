@@ -189,6 +189,7 @@ def tool_call_message(value: Any, source: str, field_name: str, extra: dict[str,
     tool_calls = [{"type": "function",
                    "function": {"name": c["name"], "arguments": parse_arguments(c.get("arguments", {}))}}
                   for c in calls]
+    _, extra = reasoning_of("", extra, source, field_name)
     return Message("assistant", "", {**extra, "tool_calls": tool_calls})
 
 

@@ -127,7 +127,8 @@ class _Chat:
 
 
 class Renderer:
-    """Renders records with one tokenizer, one masking strategy and one `max_length`."""
+    """Renders records with one tokenizer, one masking strategy, one turns policy (`whole` unless given:
+    `data.turns` defaults to auto), one reasoning switch and one `max_length`."""
 
     def __init__(
         self,
