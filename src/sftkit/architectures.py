@@ -219,6 +219,7 @@ class Result:
     attention: str = ""
     layers: str = ""
     outcomes: dict[str, Outcome] = field(default_factory=dict)
+    lora: str = ""
     skipped: str = ""
 
 
@@ -276,7 +277,45 @@ def check_architecture(model_type: str, documents: Sequence[Tokenized], vocab_si
             continue
         status = "same" if difference <= TOLERANCE else "different"
         result.outcomes[batching] = Outcome(status, f"max |difference| {difference:.2e}", difference)
+    result.lora = check_lora(model, documents[0])
     return result
+
+
+def check_lora(model: PreTrainedModel, document: Tokenized) -> str:
+    """LoRA on `lora.target_modules=all-linear` (`sftkit.lora.target_modules`): "N layers" adapted, all in the
+    text decoder and none the output head, and a forward that runs; else what went wrong. Adapts `model`."""
+    import peft
+
+    from sftkit.config import LoraConfig
+    from sftkit.lora import adapted_modules, target_modules
+
+    base = model
+    head = base.get_output_embeddings()
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else base
+    allowed = {id(m) for m in decoder.modules()} if decoder is not None else {id(m) for m in base.modules()}
+    try:
+        targets = target_modules(LoraConfig(r=2), base)
+        model = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=targets, task_type="CAUSAL_LM"))
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([document.input_ids]), use_cache=False).logits
+    except Exception as err:  # noqa: BLE001
+        return f"error: {type(err).__name__}: {_first_line(err)}"
+    adapted = adapted_modules(model)
+    modules = dict(model.named_modules())
+    wrapped = {name: _wrapped(modules[name]) for name in adapted}
+    outside = [name for name in adapted if id(wrapped[name]) not in allowed]
+    if not adapted or outside or any(layer is head for layer in wrapped.values()):
+        return f"wrong: {len(adapted)} adapted, {len(outside)} outside the decoder (first: {(outside or [''])[0]})"
+    if not bool(torch.isfinite(logits).all()):
+        return "wrong: non-finite logits"
+    return f"{len(adapted)} layers"
+
+
+def _wrapped(module: torch.nn.Module) -> torch.nn.Module:
+    """The model's own layer under PEFT's adapter wrappers (fused experts get one wrapper per weight)."""
+    while hasattr(module, "base_layer"):
+        module = module.base_layer
+    return module
 
 
 def _first_line(err: BaseException) -> str:

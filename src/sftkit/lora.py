@@ -122,13 +122,36 @@ def peft_config(lora: LoraConfig, model: PreTrainedModel, added: list[str]) -> p
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
+        target_modules=target_modules(lora, model),
         use_dora=lora.dora,
         modules_to_save=save or None,
         ensure_weight_tying=keep_tied(model, save),
         fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules()),  # GPT-2 stores weights as (in, out)
         bias="none",
     )
+
+
+MAMBA_TYPES = ("falcon_h1", "mamba", "mamba2", "falcon_mamba", "nemotron_h")  # PEFT refuses LoRA on their
+MAMBA_SKIPPED = ("out_proj", "conv1d")  # Mamba out_proj and conv1d (its kernels read those weights directly)
+
+
+def target_modules(lora: LoraConfig, model: PreTrainedModel) -> str | list[str]:
+    """`lora.target_modules` for PEFT. "all-linear" stays PEFT's own choice (every linear layer, fused MoE
+    experts included, never the output head) except where that choice is wrong: a model with vision or audio
+    towers gets the linear layers of its text decoder only, and a Mamba-based model leaves out the Mamba
+    layers' `out_proj` and `conv1d`, which PEFT refuses (an error at set-up otherwise). Then the list of
+    layer names is given instead."""
+    if not isinstance(lora.target_modules, str) or lora.target_modules.lower() != "all-linear":
+        return lora.target_modules
+    head = model.get_output_embeddings()
+    linear = [name for name, module in model.named_modules() if isinstance(module, (torch.nn.Linear, Conv1D))
+              and module is not head]
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    prefix = next((name for name, module in model.named_modules() if module is decoder), "")
+    chosen = [name for name in linear if not prefix or name.startswith(prefix + ".")]
+    if getattr(model.config, "model_type", None) in MAMBA_TYPES:
+        chosen = [name for name in chosen if name.rsplit(".", 1)[-1] not in MAMBA_SKIPPED]
+    return "all-linear" if chosen == linear else chosen
 
 
 def keep_tied(model: PreTrainedModel, save: list[str]) -> bool:
