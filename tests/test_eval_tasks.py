@@ -212,3 +212,89 @@ def test_base_without_template_needs_few_shot(run: dict[str, Path], tmp_path: Pa
     assert main(["eval", "--model", str(run["out"] / "final"), "--base", str(run["base"]), "--tasks",
                  str(run["tasks"]), "--max-new-tokens", "4", "--out", str(tmp_path / "tpl"), "--device", "cpu"]) == 0
     assert "base (chat template)" in capsys.readouterr().out
+
+
+# -- lm-evaluation-harness on the same items ----------------------------------------------------
+HARNESS_TASK = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+doc_to_text: "{{{{prompt}}}}"
+target_delimiter: ""
+"""
+GENERATE = """output_type: generate_until
+doc_to_target: "{{expected}}"
+generation_kwargs:
+  until: ["<|im_end|>"]
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+    ignore_case: true
+"""
+CHOICES = """output_type: multiple_choice
+doc_to_choice: "{{choices}}"
+doc_to_target: "{{answer}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+@pytest.mark.slow
+def test_lm_eval_harness_reproduces_sftkits_score_on_the_same_items(run: dict[str, Path], tmp_path: Path) -> None:
+    """The harness (its own HF backend, chat template applied) and `sftkit eval` on the same items: the same
+    replies and the same figures; log-likelihoods that differ by one term per item, the same for every choice
+    (the harness scores the template's trailing newline as part of each choice). GSM8K (the docs/lm_eval/gsm8k_local.yaml task,
+    first items of ../shared's test file) is scored by the harness's flexible-extract and by sftkit's
+    `numeric` rule; both take the reply's last number, so on these replies the figures agree (they can part
+    on "18.0" vs "18", which the harness compares as strings and sftkit as numbers)."""
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is an optional extra: pip install 'sftkit[eval]'")
+    import yaml
+
+    from sftkit.evaluate.lm_eval_run import run_lm_eval
+    from tests.conftest import SHARED_DATA
+
+    rows = [json.loads(line) for line in run["tasks"].read_text().splitlines()]
+    sets = {"gen": [r for r in rows if r.get("match") == "exact"],
+            "mc": [{**r, "answer": r["choices"].index(r["answer"]) if isinstance(r["answer"], str) else r["answer"]}
+                   for r in rows if "choices" in r]}
+    specs = []
+    for name, extra in (("gen", GENERATE), ("mc", CHOICES)):
+        data = write_jsonl(tmp_path / f"{name}.jsonl", sets[name])
+        (tmp_path / f"{name}.yaml").write_text(HARNESS_TASK.format(name=f"sftkit_{name}", data=data) + extra)
+        specs.append(str(tmp_path / f"{name}.yaml"))
+    gsm8k = SHARED_DATA / "instructions" / "gsm8k_test.jsonl"
+    if gsm8k.is_file():
+        items = [json.loads(line) for line in gsm8k.read_text().splitlines()[:4]]
+        write_jsonl(tmp_path / "gsm8k.jsonl", items)
+        task = yaml.safe_load((Path(__file__).parents[1] / "docs" / "lm_eval" / "gsm8k_local.yaml").read_text())
+        task["dataset_kwargs"]["data_files"]["test"] = str(tmp_path / "gsm8k.jsonl")
+        (tmp_path / "gsm" / "gsm8k.yaml").parent.mkdir()
+        (tmp_path / "gsm" / "gsm8k.yaml").write_text(yaml.safe_dump(task))
+        specs.append(str(tmp_path / "gsm" / "gsm8k.yaml"))
+        sets["gsm8k_local"] = [{"prompt": r["question"], "expected": r["answer"].split("####")[-1].strip().replace(",", ""),
+                                "match": "numeric"} for r in items]
+
+    final = run["out"] / "final"
+    harness = run_lm_eval(final, ",".join(specs), out=tmp_path / "lm", batch_size=8, device="cpu", max_new_tokens=8)
+    model, tokenizer = load_for_generation(final, device="cpu")
+    for name, items in sets.items():
+        task_name = name if name == "gsm8k_local" else f"sftkit_{name}"
+        ours = score_tasks(Asker(model, tokenizer), read_tasks(write_jsonl(tmp_path / f"ours-{name}.jsonl", items)),
+                           max_new_tokens=8)
+        samples = sorted(harness["samples"][task_name], key=lambda s: s["doc_id"])
+        metric = "acc,none" if name == "mc" else "exact_match,flexible-extract" if name == "gsm8k_local" \
+            else "exact_match,none"
+        assert harness["results"][task_name][metric] == pytest.approx(ours.accuracy), name
+        for sample, row in zip(samples, ours.rows, strict=True):
+            if name == "mc":  # the harness moves the context's trailing "\n" (the end of ChatML's "assistant\n")
+                # into every continuation, so each choice carries the same extra log P("\n"): the same argmax
+                offsets = [r[0] - ours for r, ours in zip(sample["filtered_resps"], row["logliks"], strict=True)]
+                assert offsets == pytest.approx([offsets[0]] * len(offsets), abs=1e-3) and offsets[0] < 0
+            else:
+                assert sample["resps"][0][0].strip() == row["reply"], name

@@ -351,7 +351,7 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--few-shot", type=int, metavar="K", help="prompt the base (or, alone, the model) with K solved "
                                                              "items of the file; plain text without a template")
     p.add_argument("--out", help="directory for results.jsonl and summary.json (default: runs/eval/TASKS-STEM)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, help="longest reply (default 128; with --lm-eval: each task's own)")
     p.add_argument("--batch-size", type=int, default=32, help="prompts generated together (left-padded)")
     p.add_argument("--device", default="auto")
     p.add_argument("--lm-eval", metavar="TASKS", help="lm-evaluation-harness task names or YAML files (comma-"
@@ -366,9 +366,12 @@ def _run_eval(args: argparse.Namespace) -> int:
     for name in ("few_shot", "limit"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 0")
-    if args.max_new_tokens < 1 or args.batch_size < 1:
+    if (args.max_new_tokens is not None and args.max_new_tokens < 1) or args.batch_size < 1:
         raise ConfigError("--max-new-tokens and --batch-size must be >= 1")
     if args.lm_eval:
+        if args.tasks or args.base:
+            raise ConfigError("--lm-eval runs the harness on --model alone: leave out --tasks and --base "
+                              "(run sftkit eval once more for them)")
         from sftkit.evaluate.lm_eval_run import run_lm_eval
 
         run_lm_eval(args.model, args.lm_eval, few_shot=args.few_shot, limit=args.limit, out=args.out,
@@ -379,7 +382,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     from sftkit.evaluate.task_eval import eval_command
 
     eval_command(args.model, args.tasks, base=args.base, few_shot=args.few_shot, out=args.out,
-                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, device=args.device)
+                 max_new_tokens=args.max_new_tokens or 128, batch_size=args.batch_size, device=args.device)
     return 0
 
 
