@@ -139,8 +139,9 @@ def target_modules(lora: LoraConfig, model: PreTrainedModel) -> str | list[str]:
     """`lora.target_modules` for PEFT. "all-linear" stays PEFT's own choice (every linear layer, fused MoE
     experts included, never the output head) except where that choice is wrong: a model with vision or audio
     towers gets the linear layers of its text decoder only, and a Mamba-based model leaves out the Mamba
-    layers' `out_proj` and `conv1d`, which PEFT refuses (an error at set-up otherwise). Then the list of
-    layer names is given instead."""
+    layers' `out_proj` and `conv1d`, which PEFT refuses (an error at set-up otherwise), and a model's own
+    linear subclasses with their own forward (DeepSeek-V4's grouped `o_a_proj`), to which PEFT would add
+    a LoRA of the wrong shape. Then the list of layer names is given instead."""
     if not isinstance(lora.target_modules, str) or lora.target_modules.lower() != "all-linear":
         return lora.target_modules
     head = model.get_output_embeddings()
@@ -148,7 +149,9 @@ def target_modules(lora: LoraConfig, model: PreTrainedModel) -> str | list[str]:
               and module is not head]
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     prefix = next((name for name, module in model.named_modules() if module is decoder), "")
-    chosen = [name for name in linear if not prefix or name.startswith(prefix + ".")]
+    modules = dict(model.named_modules())
+    chosen = [name for name in linear if (not prefix or name.startswith(prefix + "."))
+              and not type(modules[name]).__module__.startswith("transformers.models.")]
     if getattr(model.config, "model_type", None) in MAMBA_TYPES:
         chosen = [name for name in chosen if name.rsplit(".", 1)[-1] not in MAMBA_SKIPPED]
     return "all-linear" if chosen == linear else chosen
