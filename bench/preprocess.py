@@ -166,7 +166,7 @@ def run_sftkit(path: Path, tok_dir: Path, num_proc: int, max_length: int, rows: 
 
     tokenizer = load_tokenizer(tok_dir)
     prepare_tokenizer(tokenizer)
-    data = DataConfig(train=[str(path)], strategy="assistant", max_length=max_length, num_proc=num_proc,
+    data = DataConfig(train=[str(path)], cache=False, strategy="assistant", max_length=max_length, num_proc=num_proc,
                       fast_bpe=fast_bpe)
     start, cpu = time.perf_counter(), cpu_seconds()
     examples = load_data(data, tokenizer, seed=0, progress=False)[0].examples
@@ -231,7 +231,7 @@ def cross_check(rows: list[dict], tok_dir: Path, out: Path) -> list[str]:
     path = write_jsonl(rows, len(rows), out / "check.jsonl")
     tokenizer = load_tokenizer(tok_dir)
     prepare_tokenizer(tokenizer)
-    data = DataConfig(train=[str(path)], strategy="assistant", max_length=1 << 30)  # no truncation
+    data = DataConfig(train=[str(path)], cache=False, strategy="assistant", max_length=1 << 30)  # no truncation
     ours = load_data(data, tokenizer, seed=0, progress=False)[0].report
     trainer = trl_trainer(tok_dir, 1, None, rows[0], out / "trl-check")
     theirs, _ = trl_prepare(trainer, path)

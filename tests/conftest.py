@@ -14,6 +14,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "SFTKIT_CACHE_DIR" not in os.environ:  # the token cache of the tests' runs: never the user's ~/.cache
+    import tempfile
+
+    os.environ["SFTKIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="sftkit-test-cache-")
 
 ASSETS = Path(__file__).parent / "assets"
 _SHARED_ENV = os.environ.get("SFTKIT_SHARED")

@@ -159,10 +159,10 @@ def test_data_train_mixes_sources_by_weight_and_samples() -> None:
     assert [s.path for s in config.data.sources()] == [chat, identity]
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir("qwen2.5"))
     train, _ = load_data(config.data, tokenizer, seed=0)
-    sources = [r.source.rsplit(":", 1)[0] for r in train.records]
+    sources = [e.source.rsplit(":", 1)[0] for e in train.examples]
     assert sources.count(chat) == 2 * 10 and sources.count(identity) == 2  # 10 chats (one trailing turn dropped)
     again, _ = load_data(config.data, tokenizer, seed=0)
-    assert [r.source for r in again.records] == [r.source for r in train.records]
+    assert [e.source for e in again.examples] == [e.source for e in train.examples]
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@
     sftkit data clean FILE --out FILE [--near-dup-threshold 0.85] [--min-reply-chars N]
                       [--tokenizer DIR --max-tokens N] [--drop-pattern REGEX ...] [--drop-refusals]
     sftkit data distill --teacher DIR|URL --prompts FILE --out FILE [--n K] [--temperature T]
+    sftkit data cache ls|clear [--dir DIR]             # the token cache of rendered examples
     sftkit train [--nproc N] [--overwrite] CONFIG.yaml [key=value ...]
     sftkit generate --model DIR --prompt TEXT [--system TEXT] [--max-new-tokens N] [--temperature T]
     sftkit chat --model DIR
@@ -422,6 +423,34 @@ def _version() -> str:
         return "sftkit (not installed)"
 
 
+def _add_data_cache(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cache", help="the token cache of rendered examples: list it or clear it")
+    p.add_argument("action", choices=["ls", "clear"])
+    p.add_argument("--dir", help="the cache directory (default: $SFTKIT_CACHE_DIR, else ~/.cache/sftkit/tokens)")
+    p.set_defaults(func=_run_data_cache)
+
+
+def _run_data_cache(args: argparse.Namespace) -> int:
+    import shutil
+
+    from sftkit.data.store import cache_root, list_cache
+
+    root = cache_root(args.dir)
+    found = list_cache(root)
+    if args.action == "clear":
+        for directory, _, _ in found:
+            shutil.rmtree(directory)
+        for partial in root.glob(".*") if root.is_dir() else []:  # killed renders' temporary directories
+            shutil.rmtree(partial, ignore_errors=True)
+        print(f"cleared {len(found)} stores ({sum(size for *_, size in found) / 2**20:.1f} MiB) from {root}")
+        return 0
+    for directory, meta, size in found:
+        print(f"{directory.name}  {meta['examples']:>9,} examples  {meta['tokens']:>12,} tokens  "
+              f"{size / 2**20:>9.1f} MiB  {(meta.get('read_lines') or [''])[0][:80]}")
+    print(f"{len(found)} stores, {sum(size for *_, size in found) / 2**20:.1f} MiB in {root}")
+    return 0
+
+
 def _add_serve(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("serve", help="an OpenAI-compatible HTTP endpoint over a trained directory (small loads)")
     p.add_argument("--model", required=True, help="trained model directory or LoRA adapter, e.g. runs/tiny/final")
@@ -478,6 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_inspect(data)
     _add_data_clean(data)
     _add_data_distill(data)
+    _add_data_cache(data)
     _add_train(commands)
     _add_generate(commands)
     _add_serve(commands)

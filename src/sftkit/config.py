@@ -154,6 +154,11 @@ class DataConfig:
     data.padding_free=true, data.group_by_length=true."""
     num_proc: int = 1
     """Processes that render the data (tokenization is most of the preparation)."""
+    cache: bool = True
+    """Keep the rendered examples on disk, memory-mapped, keyed by everything that changes a token (data files,
+    tokenizer, template, settings): a second run with the same inputs starts at once (sftkit.data.store)."""
+    cache_dir: str | None = None
+    """Where the token cache lives; null = $SFTKIT_CACHE_DIR, else ~/.cache/sftkit/tokens (`sftkit data cache`)."""
 
     def __post_init__(self) -> None:
         _check_choices(self)

@@ -32,7 +32,7 @@ from sftkit import checkpoint, distributed, faults, rundir
 from sftkit.attention import check_batching, use_document_attention
 from sftkit.config import CONFIG_FILE, Config, TrainConfig
 from sftkit.data.batches import Batcher, trained_token_count
-from sftkit.data.load import Split, dated_template_note, load_data, prompt_of
+from sftkit.data.load import Split, dated_template_note, load_data
 from sftkit.data.templates import end_of_turn_token_ids, pad_token_id
 from sftkit.evaluate.monitor import Monitor
 from sftkit.evaluate.perplexity import eval_loss
@@ -73,9 +73,17 @@ def setup_tokenizer(config: Config, resume_from: Path | None = None) -> tuple[Pr
     return load_prepared_tokenizer(config.model, config.data.template, path)
 
 
-def setup_data(config: Config, tokenizer: PreTrainedTokenizerBase) -> tuple[Split, Split]:
-    """(train, eval) examples: `sftkit.data.load`, the same entry `sftkit data preview` uses."""
-    return load_data(config.data, tokenizer, config.train.seed)
+def setup_data(config: Config, tokenizer: PreTrainedTokenizerBase, dist: distributed.Local = distributed.LOCAL
+               ) -> tuple[Split, Split]:
+    """(train, eval) examples: `sftkit.data.load`, the same entry `sftkit data preview` uses. Under torchrun
+    rank 0 renders into the token cache first; the other ranks then map the same files."""
+    if dist.world > 1 and config.data.cache and not dist.is_main:
+        dist.barrier()  # rank 0 is rendering
+        return load_data(config.data, tokenizer, config.train.seed)
+    splits = load_data(config.data, tokenizer, config.train.seed)
+    if dist.world > 1 and config.data.cache:
+        dist.barrier()
+    return splits
 
 
 def setup_optimizer(model: torch.nn.Module, train: TrainConfig, total_steps: int
@@ -257,7 +265,7 @@ def setup(config: Config, dist: distributed.Local) -> Run:
     weights = checkpoint.weights_from(resume_from)
     check_quantization(config.lora, dist.device)  # QLoRA where it cannot run: before the data too
     prepared = setup_tokenizer(config, weights)  # fail fast: a wrong model.path or template, then every data
-    train_split, eval_split = setup_data(config, prepared[0])  # error, before minutes of loading weights
+    train_split, eval_split = setup_data(config, prepared[0], dist)  # error, before minutes of loading weights
     model, tokenizer, added = setup_model(config, dist.device, weights, prepared)
     pad_id, eos_ids = pad_token_id(tokenizer), end_of_turn_token_ids(tokenizer, config.data.template_kwargs)
     batcher = Batcher.from_config(train_split.examples, pad_id, config.data, tc, dist.world)  # global windows
@@ -301,7 +309,7 @@ def setup(config: Config, dist: distributed.Local) -> Run:
         raise RuntimeError(f"pre-flight loss is {loss} before any training: check model.dtype and the data")
     print(f"pre-flight  loss {loss:.4f} on up to 2 batches")
     sample = [{"role": "user", "content": tc.sample_prompt}] if tc.sample_prompt else next(
-        (p for p in map(prompt_of, eval_split.records or train_split.records) if p), None)
+        iter(eval_split.prompts or train_split.prompts), None)
     model.train()
     return Run(config, dist, model, tokenizer, optimizer, scheduler, batcher, eval_split, log, monitor,
                faults.NanGuard(tc.on_nan, state.nan_skipped), state, eos_ids, sample, per_epoch, total, resume_from)

@@ -18,16 +18,19 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from sftkit.config import ConfigError, DataConfig
+from sftkit.data import store
 from sftkit.data.formats import LoadReport, load_records
-from sftkit.data.messages import Conversation, DataError, Record
+from sftkit.data.messages import Conversation, DataError, Problems, Record
 from sftkit.data.mixing import mix_with_report
 from sftkit.data.render import Renderer, Tokenized
 from sftkit.data.render_all import RenderReport, render_records
+from sftkit.data.sources import expand_paths
 from sftkit.data.templates import TemplateError, missing_template_message
 
 PROGRESS_ABOVE = 5000  # records: a progress bar while rendering more than this
@@ -42,6 +45,7 @@ class Split:
     report: RenderReport
     loads: list[LoadReport] = field(default_factory=list)
     mixing: str = ""  # how many records each `{path, weight|samples}` source gave, when data.train mixes
+    stored: dict[str, Any] | None = None  # the token cache's record of this split (`sftkit.data.store`)
 
     @property
     def examples(self) -> list[Tokenized]:
@@ -49,7 +53,7 @@ class Split:
 
     def left_out(self) -> Counter[str]:
         """Reason -> count for records skipped while reading or rendering, and examples dropped."""
-        reasons: Counter[str] = Counter()
+        reasons: Counter[str] = Counter(self.stored["read_left_out"] if self.stored else {})
         for load in self.loads:
             reasons.update({f"invalid ({kind})": n for kind, n in load.skipped.items()})
             reasons.update({f"dropped ({kind})": n for kind, n in load.dropped.items()})
@@ -60,7 +64,16 @@ class Split:
     def summary(self) -> str:
         """What each file gave, then what rendering kept, dropped and noticed, then the warnings."""
         lines = [load.summary() for load in self.loads] + ([self.mixing] if self.mixing else [])
+        if self.stored:
+            lines = [*self.stored["read_lines"], f"token cache: {self.stored['dir']}"]
         return "\n".join(lines + [self.report.summary()] + [f"warning: {w}" for w in self.warnings])
+
+    @property
+    def prompts(self) -> list[list[dict]]:
+        """The first few prompts of the split (the sample generated at each eval is the first)."""
+        if self.stored:
+            return self.stored["prompts"]
+        return [p for p in (prompt_of(r) for r in self.records[:64]) if p][:4]
 
     @property
     def warnings(self) -> list[str]:
@@ -119,7 +132,43 @@ def renderer_for(config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Rend
 
 def load_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
               progress: bool | None = None) -> tuple[Split, Split]:
-    """(train, eval) from `data.train` plus `data.eval` or `data.eval_fraction`, rendered."""
+    """(train, eval) from `data.train` plus `data.eval` or `data.eval_fraction`, rendered — or mapped from
+    the token cache when the same inputs were rendered before (`data.cache`, sftkit.data.store)."""
+    if not config.cache:
+        return render_data(config, tokenizer, seed, progress)
+    files = [f for path in [*(s.path for s in config.sources()), *([config.eval] if config.eval else [])]
+             for f in expand_paths(path)]
+    root = store.cache_root(config.cache_dir)
+    where = {name: root / f"{name}-{store.split_key(config, tokenizer, seed, name, files)}" for name in ("train", "eval")}
+    found = {name: store.read(directory) for name, directory in where.items()}
+    if all(found.values()):
+        return tuple(_stored_split(*found[name]) for name in ("train", "eval"))  # type: ignore[return-value,misc]
+    splits = render_data(config, tokenizer, seed, progress)
+    return tuple(_store_split(split, where[name]) for name, split in zip(("train", "eval"), splits))  # type: ignore
+
+
+def _store_split(split: Split, directory: Path) -> Split:
+    """`split` written to the cache, and mapped back: its records and in-memory examples are let go."""
+    left_out: Counter[str] = Counter()
+    for load in split.loads:
+        left_out.update({f"invalid ({kind})": n for kind, n in load.skipped.items()})
+        left_out.update({f"dropped ({kind})": n for kind, n in load.dropped.items()})
+    report = split.report
+    meta = {"dropped": dict(report.dropped), "warnings": dict(report.warnings), "skipped": dict(report.skipped),
+            "read_left_out": dict(left_out), "prompts": split.prompts, "dir": str(directory),
+            "read_lines": [load.summary() for load in split.loads] + ([split.mixing] if split.mixing else [])}
+    return _stored_split(store.write(directory, report.examples, meta), meta)
+
+
+def _stored_split(examples: store.StoredExamples, meta: dict[str, Any]) -> Split:
+    report = RenderReport(examples, store.counters(meta, "dropped"), store.counters(meta, "warnings"),  # type: ignore
+                          Problems(skip=True, skipped=store.counters(meta, "skipped")))
+    return Split([], report, stored=meta)
+
+
+def render_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
+                progress: bool | None = None) -> tuple[Split, Split]:
+    """`load_data` without the cache: every file read and every record rendered, in memory."""
     paths = [source.path for source in config.sources()]
     records, loads = read_files(paths, config)
     train_records, eval_records = hold_out(records, config.eval_fraction, seed)  # before mixing: no leaks

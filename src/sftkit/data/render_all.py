@@ -50,10 +50,14 @@ class RenderReport:
 
     @property
     def trained_tokens(self) -> int:
+        if hasattr(self.examples, "trained_tokens"):  # mapped from the token cache: counted on the arrays
+            return self.examples.trained_tokens
         return sum(e.num_trained for e in self.examples)
 
     @property
     def total_tokens(self) -> int:
+        if hasattr(self.examples, "total_tokens"):
+            return self.examples.total_tokens
         return sum(len(e.input_ids) for e in self.examples)
 
     def policy_lines(self) -> list[str]:

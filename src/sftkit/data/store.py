@@ -1,0 +1,192 @@
+"""Rendered examples on disk, memory-mapped: the token cache that makes a second run start in seconds.
+
+    sftkit train recipe.yaml                  # renders, then writes the split to the cache
+    sftkit train recipe.yaml                  # the same inputs: maps it back, nothing rendered
+    sftkit data cache ls | clear              # what is cached, and how big
+
+One split is a directory holding `ids.bin` (int32 token ids, all examples end to end), `trained.bin`
+(uint8, 1 where the token carries loss: a label is its token or -100), `offsets.npy` (int64, n+1),
+`sources.txt` (one `file:line` per example) and `meta.json` (what rendering counted, a few sample
+prompts, sizes). It is written into a temporary directory, fsynced and renamed, so a killed render
+leaves no store; a store whose files do not match `meta.json` is treated as a miss and rewritten.
+
+The key is a hash of everything that changes the tokens: every data file's contents, the tokenizer
+(its full serialisation, added tokens and chat template), the whole data config but the keys that
+change no token (`num_proc`, `fast_bpe`, `batching`), the seed (it picks the eval split), the split's name and
+`RENDER_VERSION` (raised when the renderer's output changes). The cache lives in `data.cache_dir`,
+else $SFTKIT_CACHE_DIR, else ~/.cache/sftkit/tokens.
+
+Written by hand rather than with `datasets`' Arrow cache: sftkit keys on the tokenizer's content,
+not on a fingerprint of Python functions, stores labels as one byte per token, and maps the files
+straight into the `Tokenized` examples the batcher reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from sftkit.config import DataConfig
+from sftkit.data.render import IGNORE_INDEX, Tokenized
+
+RENDER_VERSION = 1
+NOT_TOKENS = ("num_proc", "fast_bpe", "cache", "cache_dir", "batching")  # data keys that never change a token
+FILES = ("ids.bin", "trained.bin", "offsets.npy", "sources.txt", "meta.json")
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    """`data.cache_dir`, else $SFTKIT_CACHE_DIR, else the user's cache directory."""
+    chosen = cache_dir or os.environ.get("SFTKIT_CACHE_DIR")
+    if chosen:
+        return Path(chosen).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sftkit" / "tokens"
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A hash of what decides the tokenizer's ids: its full serialisation, its added tokens, its template."""
+    digest = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    digest.update(backend.to_str().encode() if backend is not None else repr(sorted(tokenizer.get_vocab().items())).encode())
+    digest.update(repr(sorted(tokenizer.get_added_vocab().items())).encode())
+    digest.update(str(tokenizer.chat_template).encode())
+    digest.update(repr((tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token)).encode())
+    return digest.hexdigest()
+
+
+def file_fingerprint(path: Path) -> str:
+    """The contents of a data file (a directory or glob: every file it names), hashed."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(str(file.name).encode())
+        with file.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def split_key(config: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, split: str,
+              files: Sequence[Path]) -> str:
+    settings = {k: v for k, v in asdict(config).items() if k not in NOT_TOKENS}
+    parts = {"version": RENDER_VERSION, "split": split, "seed": seed, "settings": settings,
+             "tokenizer": tokenizer_fingerprint(tokenizer), "files": [file_fingerprint(f) for f in files]}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+class StoredExamples(Sequence[Tokenized]):
+    """The examples of one stored split, mapped from disk: `Tokenized` objects are made on access, so
+    memory holds the arrays' pages the batcher touches, not millions of Python lists."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.ids = np.memmap(directory / "ids.bin", dtype=np.int32, mode="r") if (directory / "ids.bin").stat().st_size \
+            else np.zeros(0, np.int32)
+        self.trained = np.memmap(directory / "trained.bin", dtype=np.uint8, mode="r") \
+            if (directory / "trained.bin").stat().st_size else np.zeros(0, np.uint8)
+        self.offsets = np.load(directory / "offsets.npy", mmap_mode="r")
+        self._sources: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index: int | slice) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        index %= len(self)
+        start, end = int(self.offsets[index]), int(self.offsets[index + 1])
+        ids = self.ids[start:end]
+        labels = np.where(self.trained[start:end] == 1, ids, IGNORE_INDEX)
+        return Tokenized(ids.tolist(), labels.tolist(), self.sources[index])
+
+    def __iter__(self) -> Iterator[Tokenized]:
+        return (self[i] for i in range(len(self)))
+
+    @property
+    def sources(self) -> list[str]:
+        if self._sources is None:
+            self._sources = (self.dir / "sources.txt").read_text(encoding="utf-8").split("\n")[:len(self)]
+        return self._sources
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @property
+    def trained_tokens(self) -> int:
+        return int(np.count_nonzero(self.trained))
+
+    @property
+    def total_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+
+def write(directory: Path, examples: Sequence[Tokenized], meta: dict[str, Any]) -> StoredExamples:
+    """Write `examples` as a store at `directory`, atomically (temporary directory, fsync, rename)."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        lengths = np.fromiter((len(e.input_ids) for e in examples), dtype=np.int64, count=len(examples))
+        offsets = np.zeros(len(examples) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        with (tmp / "ids.bin").open("wb") as ids, (tmp / "trained.bin").open("wb") as trained:
+            for example in examples:  # one example at a time: no second copy of the dataset in memory
+                row = np.asarray(example.input_ids, dtype=np.int32)
+                ids.write(row.tobytes())
+                trained.write((np.asarray(example.labels) != IGNORE_INDEX).astype(np.uint8).tobytes())
+        np.save(tmp / "offsets.npy", offsets)
+        (tmp / "sources.txt").write_text("\n".join(e.source.replace("\n", " ") for e in examples), encoding="utf-8")
+        meta = {**meta, "examples": len(examples), "tokens": int(offsets[-1]), "version": RENDER_VERSION}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        for name in FILES:
+            with (tmp / name).open("rb") as f:
+                os.fsync(f.fileno())
+        if directory.exists():  # a damaged store of the same key: replaced
+            shutil.rmtree(directory)
+        tmp.rename(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return StoredExamples(directory)
+
+
+def read(directory: Path) -> tuple[StoredExamples, dict[str, Any]] | None:
+    """The store at `directory` and its meta, or None when it is absent, partial or inconsistent."""
+    try:
+        meta = json.loads((directory / "meta.json").read_text())
+        if meta.get("version") != RENDER_VERSION:
+            return None
+        stored = StoredExamples(directory)
+        tokens, examples = meta["tokens"], meta["examples"]
+        if (len(stored) != examples or int(stored.offsets[-1]) != tokens or stored.ids.shape[0] != tokens
+                or stored.trained.shape[0] != tokens):
+            return None
+        return stored, meta
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def counters(meta: dict[str, Any], key: str) -> Counter[str]:
+    return Counter(meta.get(key) or {})
+
+
+def list_cache(root: Path) -> list[tuple[Path, dict[str, Any], int]]:
+    """(directory, meta, bytes on disk) of every complete store under `root`, newest first."""
+    found = []
+    for directory in root.glob("*") if root.is_dir() else []:
+        if (directory / "meta.json").is_file() and not directory.name.startswith("."):
+            size = sum(f.stat().st_size for f in directory.iterdir())
+            found.append((directory, json.loads((directory / "meta.json").read_text()), size))
+    return sorted(found, key=lambda item: item[0].stat().st_mtime, reverse=True)
