@@ -81,12 +81,13 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "falcon_h1": {"mamba_d_ssm": 128},
     "bamba": {"attn_layer_indices": [1]},
     "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1},
-    "zamba2": {"layers_block_type": ["mamba", "hybrid"], "hybrid_layer_ids": [1], "num_hidden_layers": 2},
+    "zamba2": {"layers_block_type": ["mamba", "hybrid"], "hybrid_layer_ids": [1], "num_hidden_layers": 2,
+               "n_mamba_heads": 8},
     "mamba2": {"num_heads": 8, "n_groups": 1},
-    "zamba": {"attention_hidden_size": 128, "attention_head_dim": 32, "attn_layer_period": 2, "attn_layer_offset": 1},
+    "zamba": {"attention_hidden_size": 128, "attention_head_dim": 32, "attn_layer_period": 2, "attn_layer_offset": 1,
+              "num_hidden_layers": 3},
     "gpt_neo": {"attention_types": [[["global", "local"], 1]], "num_layers": 2},
-    "dbrx": {"attn_config": {"kv_n_heads": 2}, "ffn_config": {"ffn_hidden_size": 128, "moe_num_experts": 4,
-                                                              "moe_top_k": 2}},
+    "dbrx": {"ffn_config": {"ffn_hidden_size": 128, "moe_num_experts": 4, "moe_top_k": 2}},
     "granitemoehybrid": {"layer_types": ["mamba", "attention"], "num_hidden_layers": 2},
 }
 MAX_PARAMETERS = 20_000_000  # a config this recipe cannot shrink below this is reported, not built
@@ -101,6 +102,10 @@ def model_types() -> list[str]:
 def _shrunk(values: dict[str, Any]) -> dict[str, Any]:
     out = {key: SHRINK[key] for key in values if key in SHRINK and (
         (isinstance(values[key], int) and not isinstance(values[key], bool)) or (values[key] is None and key in NONE_SHRINK))}
+    out.update({key: SHRINK[key] for key in values if key in SHRINK and isinstance(values[key], list)
+                and values[key] and all(isinstance(v, int) for v in values[key])})  # per-layer sizes: one for all
+    if isinstance(values.get("num_kv_shared_layers"), int):  # layers that reuse another layer's cache: none
+        out["num_kv_shared_layers"] = 0
     if isinstance(values.get("qk_rope_head_dim"), int):  # multi-head latent attention: rotary on part of a head
         out["head_dim"] = SHRINK["qk_rope_head_dim"]
         out["num_key_value_heads"] = SHRINK["num_attention_heads"]  # one latent key per head
@@ -123,6 +128,10 @@ def _layer_plan(config: PretrainedConfig) -> dict[str, Any]:
         plan["layer_types"] = unique if len(unique) > 1 else unique * 2
     layers = len(plan.get("layer_types", ())) or 2
     plan.update({key: layers for key in LAYER_COUNT_KEYS if isinstance(getattr(config, key, None), int)})
+    count = getattr(config, "num_hidden_layers", None)
+    for key, value in config.to_dict().items():  # other per-layer lists (Gemma 3n's activation sparsity): cut
+        if key not in plan and isinstance(value, list) and isinstance(count, int) and len(value) == count > layers:
+            plan[key] = value[:layers]
     return plan
 
 
