@@ -2,6 +2,7 @@
 
     make evidence                                       # = python -m sftkit_demo.evidence = sftkit demo --evidence
     python -m sftkit_demo.evidence --base demo/base-model --out reports --work runs/evidence
+    python -m sftkit_demo.evidence --prompting-only runs/demo/sft/final   # that row alone, into the report
 
 Every run fine-tunes the committed demo base model (`demo/base-model/`, pre-trained on the demo
 corpus, no chat template) with `sftkit train` and the built-in ChatML template, and changes one
@@ -13,6 +14,8 @@ thing against the main run:
     epochs-*    a 128-conversation subset, 20 epochs, a checkpoint per epoch, lr 1e-4 and 1e-3 -> overfitting
     clean-small / noisy-large   300 clean conversations vs all of them with 50% of the facts
                 swapped for another country's, the same number of optimizer steps -> quality vs quantity
+    (no run)    the base model prompted with 0/3/8 solved examples vs the main run -> prompt first?
+                (sftkit_demo.prompting, scored by `sftkit eval`'s own path)
 
 Models are asked with greedy decoding (batched, left-padded) and judged by `sftkit_demo.score.judge`:
 *answered* = the first sentence is a statement, *correct* = it names the expected fact. Question sets:
@@ -46,7 +49,9 @@ from sftkit.model import load_tokenizer
 from sftkit.recipe import config_from_dict
 from sftkit_demo.chats import heldout_questions
 from sftkit_demo.dataset import read_jsonl, write_jsonl
+from sftkit_demo.prompting import demo_check, prompting
 from sftkit_demo.score import judge
+from sftkit_demo.tasks import task_item
 from sftkit_demo.world import COUNTRIES, Country, split_countries
 
 # Countries that exist in no data at all: whatever the model says about them cannot be knowledge.
@@ -242,6 +247,8 @@ def run_all(setup: Setup) -> dict[str, Any]:
                    for name in ("trained", "held-out")}
     results["main"] = {"base": base_scores, "sft": {name: score(main / "final", name) for name in sets},
                        "history": metrics(main)}
+    results["prompting"] = {**prompting(setup.base, main / "final", sets["held-out"], setup.device),
+                            "demo_check": demo_check(main / "final", setup.base, setup.seed, setup.device)}
     prompts = [[{"role": "user", "content": q["question"]}] for name in sets for q in sets[name][:3]]
     side_by_side = compare(setup.base, main / "final", prompts, max_new_tokens=32, device=setup.device)
     (setup.out / "evidence").mkdir(parents=True, exist_ok=True)
@@ -268,10 +275,13 @@ def run_all(setup: Setup) -> dict[str, Any]:
     # 6. epochs and overfitting: a small subset, many epochs, a checkpoint per epoch; the main lr, then 10x
     subset = setup.work / "sft_train_128.jsonl"
     write_jsonl(subset, read_jsonl(setup.data / "sft_train.jsonl")[:128])
+    held_tasks = setup.work / "heldout_tasks.jsonl"  # the held-out set as a task file: accuracy at every eval
+    write_jsonl(held_tasks, [task_item(q) for q in sets["held-out"]])
     results["epochs"] = []
     for name, lr in (("epochs", 1e-4), ("epochs-lr0.001", 1e-3)):
         run = sft(setup, name, **{"data.train": str(subset), "train.epochs": 20, "train.lr": lr, "train.save_every": 8,
-                                  "train.keep_checkpoints": None, "train.keep_best": True})
+                                  "train.keep_checkpoints": None, "train.keep_best": True,
+                                  "eval.tasks": str(held_tasks), "eval.tasks_max_new_tokens": 32})
         ckpts = sorted((run / "checkpoints").glob("step-*"), key=lambda p: int(p.name[5:])) + [run / "final"]
         per_epoch = [{"held-out": score(c, "held-out"), "trained": score(c, "trained")} for c in ckpts]
         results["epochs"].append({"lr": lr, "history": metrics(run), "checkpoints": per_epoch, "steps_per_epoch": 8,
@@ -301,6 +311,20 @@ def metrics(run: Path) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if k != "sample"} for r in rows]
 
 
+def prompting_only(setup: Setup, sft_dir: Path) -> int:
+    """The prompt-first row (and the demo check) for `sft_dir`, merged into the last campaign's results."""
+    from sftkit_demo.evidence_report import write_report
+
+    path = setup.out / "evidence" / "results.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    results["prompting"] = {**prompting(setup.base, sft_dir, question_sets(setup)["held-out"], setup.device),
+                            "demo_check": demo_check(sft_dir, setup.base, setup.seed, setup.device)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1))
+    print(f"report: {write_report(results, setup.out)}" if "main" in results else f"results: {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from sftkit_demo.evidence_report import write_report
 
@@ -310,10 +334,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Setup.work, help="run directories")
     parser.add_argument("--out", type=Path, default=Setup.out, help="writes OUT/evidence.md and OUT/evidence/")
     parser.add_argument("--questions", type=int, default=Setup.questions, help="questions per set")
+    parser.add_argument("--prompting-only", type=Path, metavar="SFT_DIR",
+                        help="only the prompt-first row, with SFT_DIR as the fine-tuned model, merged into "
+                             "OUT/evidence/results.json and the report")
     args = parser.parse_args(argv)
     setup = Setup(args.base, args.data, args.work, args.out, args.questions)
     if not (setup.base / "model.safetensors").is_file():
         raise SystemExit(f"no demo base model at {setup.base}: build it with `python demo/build_base.py`")
+    if args.prompting_only:
+        return prompting_only(setup, args.prompting_only)
     start = time.perf_counter()
     results = run_all(setup)
     wall = time.perf_counter() - start

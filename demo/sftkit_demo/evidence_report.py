@@ -123,10 +123,28 @@ def quality(r: dict[str, Any]) -> tuple[str, str, str, str]:
     return "small clean set vs large noisy set", measured, verdict, "supports when clean is > 3 points more correct"
 
 
+def prompt_first(r: dict[str, Any]) -> tuple[str, str, str, str] | None:
+    p = r.get("prompting")
+    if not p:
+        return None
+    shots = {int(k): v["accuracy"] for k, v in p["shots"].items()}
+    best_k = max(shots, key=lambda k: (shots[k], -k))
+    sft = p["sft"]["accuracy"]
+    verdict = ("prompting can't: fine-tune" if sft - shots[best_k] > 0.10 else
+               "prompting is enough" if shots[best_k] >= sft - 0.05 else "close")
+    measured = (f"held-out correct (n={p['n']}): base " + ", ".join(f"{k}-shot {pct(v)}" for k, v in sorted(shots.items()))
+                + f" -> SFT {pct(sft)} (95% interval {pct(p['sft']['ci_low'])}-{pct(p['sft']['ci_high'])}; best "
+                f"prompt {best_k}-shot {pct(p['shots'][str(best_k)]['ci_low'])}-{pct(p['shots'][str(best_k)]['ci_high'])})")
+    run = f"base with K solved examples (plain text) vs SFT `{p['sft_model']}`, `sftkit eval` scoring"
+    return run, measured, verdict, "fine-tune when SFT beats the best few-shot prompt by > 10 points; prompting is "\
+        "enough within 5 points"
+
+
 CLAIMS = (("SFT makes the base model answer", answering), ("SFT teaches behaviour, not knowledge", knowledge),
           ("SFT barely changes the weights", weights), ("Loss masking (assistant only) matters", masking),
           ("High learning rate -> catastrophic forgetting", learning_rate),
-          ("Too many epochs -> overfitting", epochs), ("Quality beats quantity", quality))
+          ("Too many epochs -> overfitting", epochs), ("Quality beats quantity", quality),
+          ("Prompt first, fine-tune when prompting can't", prompt_first))
 
 
 def observations(r: dict[str, Any]) -> list[str]:
@@ -149,6 +167,42 @@ def observations(r: dict[str, Any]) -> list[str]:
     lines.append(f"- Quality: {q['clean_rows']} clean conversations seen {q['steps'] * 16 / q['clean_rows']:.0f} times "
                  f"each vs {q['noisy_rows']} ({q['corrupted']} with swapped facts) seen "
                  f"{q['steps'] * 16 / q['noisy_rows']:.0f} times, {q['steps']} steps of 16 each.")
+    return lines
+
+
+def did_it_work(r: dict[str, Any]) -> list[str]:
+    """`sftkit eval` on the demo's models: the prompt-first table and the check against the demo's own scoring."""
+    p = r.get("prompting")
+    if not p:
+        return []
+    lines = ["## Did it work? `sftkit eval` on the demo's models", "",
+             f"The held-out questions as a task file (`sftkit_demo.tasks`), scored by `sftkit eval`'s own path "
+             f"(`sftkit.evaluate.task_eval`, greedy, 32 new tokens); base `{p['base']}`, SFT `{p['sft_model']}`.", "",
+             "| model, prompt | accuracy | 95% interval | answered | ended the turn | mean tokens |",
+             "|---|---|---|---|---|---|"]
+    rows = [(f"base, {k}-shot plain text", v) for k, v in sorted(p["shots"].items(), key=lambda kv: int(kv[0]))]
+    for name, f in rows + [("SFT, chat template, 0-shot", p["sft"])]:
+        lines.append(f"| {name} | {100 * f['accuracy']:.1f}% | {100 * f['ci_low']:.1f}-{100 * f['ci_high']:.1f}% | "
+                     f"{pct(f['answered'])} | {pct(f['ended_turn'])} | {f['mean_tokens']:.1f} |")
+    best = max(p["shots"].values(), key=lambda f: f["accuracy"])
+    lines += ["", f"Base, {best['asked']}: *{best['examples'][-1]['q'].splitlines()[-2]}* -> "
+              f"{best['examples'][-1]['reply']!r}.", ""]
+    c = r["prompting"].get("demo_check")
+    if c:
+        f = c["sftkit_eval"]
+        lines += [f"The demo's own {c['n']} held-out questions on `{c['sft_model']}`: `sftkit eval` "
+                  f"{f['correct']}/{c['n']} correct ({100 * f['accuracy']:.1f}%), answered {f['answered'] * c['n']:.0f}; "
+                  f"the demo's scoring (`sftkit_demo.score`) {c['demo_correct']}/{c['n']}, answered "
+                  f"{c['demo_answered']}; the same reply for {c['same_replies']}/{c['n']} questions and the same "
+                  f"verdict for {c['same_verdicts']}/{c['n']}.", ""]
+        if "base" in c:
+            b = c["base"]
+            parts = ", ".join(f"{a} {k}/{n}" for a, (k, n) in b["by_attribute"].items())
+            lines += [f"The base on those {c['n']} questions, {c['base_shots']}-shot (the file's first items as "
+                      f"examples: {'; '.join(repr(x) for x in b['shots_shown'])}): {b['correct']}/{c['n']} correct "
+                      f"({100 * b['accuracy']:.1f}%): {parts}. Continents have six possible answers, so they are "
+                      "guessable (the set above leaves them out); which examples are shown moves the few-shot figure "
+                      "(the set above draws them from its own shuffled questions).", ""]
     return lines
 
 
@@ -203,6 +257,9 @@ def plot_epochs(r: dict[str, Any], path: Path) -> Path:
         b = a.twinx()
         held = [c["held-out"]["correct"] for c in e["checkpoints"]]
         b.plot(range(1, len(held) + 1), held, "s--", color="tab:red", label="held-out correct")
+        tasks = [(row["epoch"], row["task_accuracy"]) for row in e["history"] if "task_accuracy" in row]
+        if tasks:  # eval.tasks: the held-out accuracy measured during training, at every eval
+            b.plot(*zip(*tasks), ".:", color="tab:purple", label="task accuracy (eval.tasks)")
         b.set_ylim(0, 1)
         b.set_ylabel("held-out correct")
         lines = a.get_legend_handles_labels()[0] + b.get_legend_handles_labels()[0]
@@ -240,13 +297,15 @@ def write_report(r: dict[str, Any], out: str | Path) -> Path:
              "| claim | run | measured | verdict |", "|---|---|---|---|"]
     rules = []
     for claim, fn in CLAIMS:
-        run, measured, verdict, rule = fn(r)
+        if (row := fn(r)) is None:  # results of a campaign older than the claim
+            continue
+        run, measured, verdict, rule = row
         lines.append(f"| {claim} | {run} | {measured} | **{verdict}** |")
         rules.append(f"- {claim}: {rule}.")
     lines += ["", "Verdict rules:", *rules, "", "## Observations", "", *observations(r), "",
               "![answering](evidence/answering.png)", "", "![weight change per layer](evidence/weight_diff.png)", "",
               "![learning rate](evidence/learning_rate.png)", "", "![epochs](evidence/epochs.png)", "",
-              "## Sample replies (main run)", ""]
+              *did_it_work(r), "## Sample replies (main run)", ""]
     for name, score in r["main"]["sft"].items():
         for ex in score["examples"]:
             lines.append(f"- {name}: *{ex['q']}* -> {ex['reply']!r} (expected {ex['expected']})")

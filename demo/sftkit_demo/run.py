@@ -35,6 +35,7 @@ from sftkit_demo.report import (
     write_report,
 )
 from sftkit_demo.score import ask_base, ask_chat, judge
+from sftkit_demo.tasks import write_heldout_tasks
 from sftkit_demo.world import BY_NAME, split_countries
 
 REPO = Path(__file__).resolve().parents[2]
@@ -207,7 +208,10 @@ def run_demo(options: DemoOptions) -> Figures:
         total_seconds=time.perf_counter() - start, epochs=options.epochs, lr=options.lr,
     )
     report = write_report(options.out, figures, showcase, final)
-    print(f"\nfine-tuned model {final}\nreport           {report} (+ loss.png)\n")
+    tasks = write_heldout_tasks(options.out / "data" / "heldout_tasks.jsonl", options.seed)  # for `sftkit eval`
+    print(f"\nfine-tuned model {final}\nreport           {report} (+ loss.png)\n"
+          f"score it again   sftkit eval --model {final} --tasks {tasks} --max-new-tokens 32   "
+          "(add --base BASE --few-shot 3: the base prompted with 3 solved examples)\n")
     print(figures_table(figures))
     print(final_line(figures))
     return figures
