@@ -13,6 +13,8 @@
     sftkit chat --model DIR
     sftkit serve --model DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY]   # OpenAI-compatible
     sftkit export ADAPTER_DIR --out DIR [--merge] [--base DIR] [--dtype auto|float32|bfloat16|float16]
+    sftkit export MODEL_DIR --gguf --out FILE.gguf [--dtype auto|float32|bfloat16|float16]   # llama.cpp, Ollama
+    sftkit report RUN_DIR [--base DIR --prompts FILE]   # RUN_DIR/report.html: one self-contained page
     sftkit model tiny --config ARCH.json --tokenizer DIR --out DIR
     sftkit diff BASE TUNED [--png FILE] [--threshold 0.01] [--per-tensor] [--json FILE]
     sftkit compare BASE TUNED --prompts FILE [--out FILE.md] [--max-new-tokens N]
@@ -278,6 +280,24 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_report(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("report", help="one self-contained HTML page of a run: config, data, curves, samples")
+    p.add_argument("run", metavar="RUN_DIR", help="a run's output_dir (written there as report.html)")
+    p.add_argument("--base", help="the model before fine-tuning: adds its greedy replies beside final/'s")
+    p.add_argument("--prompts", help="with --base: .txt (one prompt per line) or .jsonl ({prompt} or {messages})")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="with --base (default 128)")
+    p.add_argument("--out", help="HTML file to write (default RUN_DIR/report.html)")
+    p.set_defaults(func=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from sftkit.report import write_report
+
+    print(write_report(args.run, base=args.base, prompts=args.prompts, max_new_tokens=args.max_new_tokens,
+                       out=args.out))
+    return 0
+
+
 def _add_model_tiny(commands: argparse._SubParsersAction) -> None:
     model = commands.add_parser("model", help="model utilities").add_subparsers(dest="model_command", required=True)
     p = model.add_parser("tiny", help="write a tiny random model (real architecture, shrunk) for smoke tests")
@@ -512,6 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(commands)
     _add_serve(commands)
     _add_export(commands)
+    _add_report(commands)
     _add_model_tiny(commands)
     _add_evidence(commands)
     _add_eval(commands)

@@ -267,9 +267,18 @@ class TrainConfig:
     null = compute in model.dtype."""
     cpu_offload: bool = False
     """With strategy=fsdp on GPUs: keep the sharded weights, gradients and optimizer state in CPU memory."""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Where metrics.jsonl's rows also go, each offline under output_dir (sftkit.trackers): tensorboard | trackio |
+    mlflow | wandb, any of them ([] = metrics.jsonl only); all but tensorboard are extras: pip install
+    'sftkit[trackers]'."""
 
     def __post_init__(self) -> None:
         _check_choices(self)
+        for name in self.report_to:
+            if name not in ("tensorboard", "trackio", "mlflow", "wandb"):
+                _fail("train.report_to", f"{name!r} is not one of tensorboard, trackio, mlflow, wandb")
+        if len(set(self.report_to)) != len(self.report_to):
+            _fail("train.report_to", f"{self.report_to} names a tracker twice")
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
                     "log_every": self.log_every, "sample_max_new_tokens": self.sample_max_new_tokens}
         for name, value in positive.items():

@@ -22,7 +22,8 @@ import yaml
 
 from sftkit.config import CONFIG_FILE, Config, ConfigError
 from sftkit.faults import STOPPED_FILE
-RUN_FILES = (CONFIG_FILE, "metrics.jsonl", "tb", "loss.png", "checkpoints", "final", "best", STOPPED_FILE)
+RUN_FILES = (CONFIG_FILE, "metrics.jsonl", "tb", "loss.png", "checkpoints", "final", "best", STOPPED_FILE,
+             "report.html", "trackio", "mlflow", "wandb")
 # keys a resumed run may change: they decide where and how it runs, not what it trains
 RESUMABLE = {
     "output_dir", "train.resume", "train.max_steps", "train.epochs", "train.batch_size", "train.grad_accum",
@@ -30,7 +31,7 @@ RESUMABLE = {
     "train.sample_prompt", "train.sample_max_new_tokens", "train.eval_max_batches", "train.eval_every_epoch",
     "train.keep_best", "train.early_stopping_patience", "train.device", "train.gradient_checkpointing",
     "train.compile", "train.strategy", "train.mixed_precision", "train.cpu_offload", "data.num_proc",
-    "data.fast_bpe",
+    "data.fast_bpe", "train.report_to",
 }
 
 

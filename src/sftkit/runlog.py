@@ -1,13 +1,16 @@
-"""What a run reports: metrics.jsonl, TensorBoard scalars, loss.png, and the summary printed before step 0.
+"""What a run reports: metrics.jsonl, the trackers, loss.png, report.html, and the summary printed before step 0.
 
-    sftkit train configs/tiny-cpu.yaml      # output_dir/metrics.jsonl, tb/, loss.png
+    sftkit train configs/tiny-cpu.yaml      # output_dir/metrics.jsonl, tb/, loss.png, report.html
+    sftkit train configs/tiny-cpu.yaml 'train.report_to=[tensorboard,trackio,mlflow,wandb]'
 
 One line of metrics.jsonl per logged step (`step`, `epoch`, `loss`, `lr`, `grad_norm` (before
 clipping), `tokens`, `tokens_per_s`, `input_tokens_per_s`, `elapsed_s` (training time of the whole
 run, across resumes), `peak_mem_gb` (the accelerator's peak allocation, else the process's peak
 resident memory); at evaluations `eval_loss`, `eval_ppl`, `sample` and the monitor's figures).
-One TensorBoard stream per run: a resumed run purges what the stopped one logged after its
-checkpoint, so no step appears twice. Under torchrun only rank 0 writes.
+Every row goes to metrics.jsonl first, then to each tracker of `train.report_to` (`sftkit.trackers`:
+TensorBoard by default; Trackio, MLflow, W&B offline). One TensorBoard stream per run: a resumed run
+purges what the stopped one logged after its checkpoint, so no step appears twice. Under torchrun
+only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+from sftkit import trackers
 from sftkit.config import Config
 from sftkit.data.load import Split
 from sftkit.model import count_parameters
@@ -30,29 +34,31 @@ METRICS_FILE = "metrics.jsonl"
 
 
 class RunLog:
-    """metrics.jsonl + TensorBoard scalars + the loss curve; everything `train` reports goes here."""
+    """metrics.jsonl + the trackers + the loss curve; everything `train` reports goes here.
 
-    def __init__(self, output_dir: Path, enabled: bool = True) -> None:
+    Made first thing in `train.setup`: a tracker whose library is missing is refused before any data
+    or weights are read. The trackers are opened on the first record (the resolved config is written by then).
+    """
+
+    def __init__(self, output_dir: Path, enabled: bool = True, report_to: list[str] | tuple[str, ...] = ("tensorboard",)
+                 ) -> None:
         self.dir = output_dir
         self.metrics_file = output_dir / METRICS_FILE
         self.enabled = enabled  # under torchrun: rank 0 only
-        self.tb: Any = None
+        self.report_to = list(report_to)
+        trackers.check(self.report_to)
+        self.trackers: list[trackers.Tracker] | None = None
         self.purge_step: int | None = None  # a resumed run: TensorBoard events from this step on are stale
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        if self.tb is None:  # TensorBoard's writer is imported and opened on the first record
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(self.dir / "tb"), purge_step=self.purge_step)
+        if self.trackers is None:  # their libraries are imported and opened on the first record
+            self.trackers = trackers.open_trackers(self.report_to, self.dir, self.purge_step)
         with self.metrics_file.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        for key, value in record.items():
-            if key == "sample":
-                self.tb.add_text("sample", value, record["step"])
-            elif key not in ("step", "epoch") and isinstance(value, (int, float)):
-                self.tb.add_scalar(key, value, record["step"])
+        for tracker in self.trackers:
+            tracker.log(record)
 
     def history(self) -> list[dict[str, Any]]:
         if not self.metrics_file.is_file():
@@ -60,7 +66,7 @@ class RunLog:
         return [json.loads(line) for line in self.metrics_file.read_text().splitlines() if line.strip()]
 
     def close(self) -> Path:
-        """Flush TensorBoard and draw `loss.png` (train loss per logged step, eval loss as dots)."""
+        """Close the trackers and draw `loss.png` (train loss per logged step, eval loss as dots)."""
         if not self.enabled:
             return self.dir / "loss.png"
         import matplotlib
@@ -68,8 +74,9 @@ class RunLog:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        if self.tb is not None:
-            self.tb.close()
+        for tracker in self.trackers or []:
+            tracker.close()
+        self.trackers = None
         rows = self.history()
         fig, ax = plt.subplots(figsize=(7, 4))
         train = [(r["step"], r["loss"]) for r in rows if "loss" in r]

@@ -40,6 +40,7 @@ from sftkit.generate import generate_reply
 from sftkit.lora import check_quantization, setup_lora_model
 from sftkit.model import load_model, load_prepared_tokenizer
 from sftkit.runlog import RunLog, end_summary, peak_memory_gb, summary
+from sftkit.report import write_report
 
 
 def setup_model(config: Config, device: torch.device, resume_from: Path | None = None,
@@ -255,6 +256,7 @@ def loop(run: Run, stop: faults.StopSignals) -> Path:
 def setup(config: Config, dist: distributed.Local) -> Run:
     """Model, data, optimizer, logs and the state to start from (step 0, or the latest checkpoint)."""
     out, tc = Path(config.output_dir), config.train
+    log = RunLog(out, enabled=dist.is_main, report_to=tc.report_to)  # a tracker not installed: said before anything
     check_batching(config.model.path, config.data.batching, config.model.attn_implementation)  # before any data
     faults.check_output_dir(out)  # an unwritable output_dir fails now, not at the first checkpoint
     set_seed(tc.seed)
@@ -279,7 +281,6 @@ def setup(config: Config, dist: distributed.Local) -> Run:
     optimizer, scheduler = setup_optimizer(model, tc, total)
     if dist.is_main:
         config.dump(out / CONFIG_FILE)
-    log = RunLog(out, enabled=dist.is_main)
     monitor = Monitor(config, tokenizer, eos_ids, pad_id, dist)  # forgetting, best/, early stop
 
     state = TrainState()
@@ -355,4 +356,5 @@ def finish(run: Run) -> Path:
         print(best)
     if run.dist.is_main:
         print(end_summary(run.log.history(), run.state.step, run.state.tokens, run.state.seconds, final))
+        print(f"report      {write_report(run.config.output_dir)}")
     return final
