@@ -136,12 +136,16 @@ def test_router_loss_is_transformers_own_on_trained_tokens(phi3) -> None:
     tokenizer, documents = phi3
     model = build("qwen3_moe", len(tokenizer))
     assert router_loss_function(model) is not None
+    batch = collate(list(documents), tokenizer.pad_token_id)
+    evaluated = {}
+    token_loss_sum(model, batch, parts=evaluated)
+    assert "router_loss" not in evaluated  # evaluation (eval mode): plain cross-entropy, as perplexity needs
+    model.train()  # training: the router loss is added
     packed, padded = {}, {}
+    loss_packed = token_loss_sum(model, collate_documents([documents[:2], documents[2:]], tokenizer.pad_token_id),
+                                 parts=packed)
+    loss_padded = token_loss_sum(model, batch, parts=padded)
     with torch.no_grad():
-        loss_packed = token_loss_sum(model, collate_documents([documents[:2], documents[2:]], tokenizer.pad_token_id),
-                                     parts=packed)
-        batch = collate(list(documents), tokenizer.pad_token_id)
-        loss_padded = token_loss_sum(model, batch, parts=padded)
         trained = F.pad(batch["labels"][:, 1:] != IGNORE_INDEX, (0, 1))
         outputs = model(input_ids=batch["input_ids"], output_router_logits=True, use_cache=False)
         module = __import__(type(model).__module__, fromlist=["load_balancing_loss_func"])

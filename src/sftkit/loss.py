@@ -49,8 +49,9 @@ def token_loss_sum(model: PreTrainedModel, batch: dict[str, torch.Tensor], chunk
 
     A mixture-of-experts model that defines a router load-balancing loss (`router_loss`) adds it the way
     transformers does (`loss += router_aux_loss_coef * aux_loss`), per trained token so that it survives the
-    division by the window's trained tokens: the sum gets `coef * aux * n_trained`. `parts`, when given,
-    receives "cross_entropy" (the sum without it) and, for such models, "router_loss" (aux, unscaled).
+    division by the window's trained tokens: the sum gets `coef * aux * n_trained`. Only in training (train
+    mode, gradients on): evaluation and perplexity stay plain cross-entropy. `parts`, when given, receives
+    "cross_entropy" (the sum without it) and, when the router loss was added, "router_loss" (aux, unscaled).
     """
     labels = batch["labels"][:, 1:]  # position t predicts the token at t + 1
     trained = F.pad(labels != IGNORE_INDEX, (0, 1))  # (batch, length): positions whose prediction is trained
@@ -58,7 +59,7 @@ def token_loss_sum(model: PreTrainedModel, batch: dict[str, torch.Tensor], chunk
     inputs = model_inputs(model, batch)
     if not len(targets):  # an idle batch (torchrun: a rank's empty share of a short last micro-batch)
         return idle_loss(model, inputs)
-    router = router_loss_function(model)
+    router = router_loss_function(model) if model.training and torch.is_grad_enabled() else None  # eval: plain CE
     if router is not None:
         inputs["output_router_logits"] = True
     kind = head_kind(model)
