@@ -256,6 +256,9 @@ def test_preview_shows_one_example_per_turn_and_the_policy(tmp_path) -> None:
     assert "[[<think>\n1 plus 1 is 2.\n</think>\n\n2.<|im_end|>]]" in shown
     assert "turns: per_turn (auto: the chat template renders an earlier reply differently" in info.getvalue()
     assert "earlier turns repeat as prompts" in info.getvalue()
+    again = io.StringIO()  # from the token cache this time: the same policy lines
+    preview(DataConfig(train=str(path)), qwen3(), out=io.StringIO(), info=again, limit=5)
+    assert again.getvalue().splitlines()[-3:] == info.getvalue().splitlines()[-3:]
 
 
 def test_per_turn_in_worker_processes_matches_serial() -> None:

@@ -155,6 +155,7 @@ def _store_split(split: Split, directory: Path) -> Split:
         left_out.update({f"dropped ({kind})": n for kind, n in load.dropped.items()})
     report = split.report
     meta = {"dropped": dict(report.dropped), "warnings": dict(report.warnings), "skipped": dict(report.skipped),
+            "turns": report.turns, "repeated_tokens": report.repeated_tokens,
             "read_left_out": dict(left_out), "prompts": split.prompts, "dir": str(directory),
             "read_lines": [load.summary() for load in split.loads] + ([split.mixing] if split.mixing else [])}
     return _stored_split(store.write(directory, report.examples, meta), meta)
@@ -162,7 +163,8 @@ def _store_split(split: Split, directory: Path) -> Split:
 
 def _stored_split(examples: store.StoredExamples, meta: dict[str, Any]) -> Split:
     report = RenderReport(examples, store.counters(meta, "dropped"), store.counters(meta, "warnings"),  # type: ignore
-                          Problems(skip=True, skipped=store.counters(meta, "skipped")))
+                          Problems(skip=True, skipped=store.counters(meta, "skipped")),
+                          turns=meta.get("turns", ""), repeated_tokens=meta.get("repeated_tokens", 0))
     return Split([], report, stored=meta)
 
 
