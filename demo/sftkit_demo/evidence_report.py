@@ -187,6 +187,17 @@ def did_it_work(r: dict[str, Any]) -> list[str]:
     best = max(p["shots"].values(), key=lambda f: f["accuracy"])
     lines += ["", f"Base, {best['asked']}: *{best['examples'][-1]['q'].splitlines()[-2]}* -> "
               f"{best['examples'][-1]['reply']!r}.", ""]
+    for e in r.get("epochs", []):  # eval.tasks during training vs the same questions asked of each checkpoint
+        curve = [row for row in e["history"] if "task_accuracy" in row]
+        if not curve:
+            continue
+        after = [c["held-out"]["correct"] for c in e["checkpoints"]]
+        same = sum(abs(row["task_accuracy"] - a) < 1e-9 for row, a in zip(curve, after))
+        lines += [f"Task accuracy at every eval of the epochs run at lr {e['lr']:g} (`eval.tasks` = the held-out "
+                  "questions, scored inside training): " + ", ".join(f"epoch {row['epoch']:g} "
+                  f"{pct(row['task_accuracy'])}" for row in curve) + f"; the same figure as the checkpoint of that "
+                  f"epoch asked afterwards at {same}/{min(len(curve), len(after))} evals (the purple curve of the "
+                  "epochs plot).", ""]
     c = r["prompting"].get("demo_check")
     if c:
         f = c["sftkit_eval"]

@@ -146,11 +146,11 @@ def choice_logliks(model: PreTrainedModel, pairs: Sequence[tuple[list[int], list
         width = max(map(len, seqs))
         ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs], device=model.device)
         mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=model.device)
-        logprobs = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
-        for row, (ctx, cont) in enumerate(chunk):
-            positions = torch.arange(len(ctx) - 1, len(ctx) + len(cont) - 1, device=model.device)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        for row, (ctx, cont) in enumerate(chunk):  # log-softmax only where a choice token is predicted
+            picked = torch.log_softmax(logits[row, len(ctx) - 1 : len(ctx) + len(cont) - 1].float(), dim=-1)
             targets = torch.tensor(cont, device=model.device)
-            out.append(logprobs[row, positions, targets].sum().item())
+            out.append(picked[torch.arange(len(cont), device=model.device), targets].sum().item())
     return out
 
 
@@ -160,7 +160,8 @@ def _continuation(asker: Asker, messages: list[dict[str, str]], context: list[in
     lm-evaluation-harness does, so the boundary is tokenized as in running text)."""
     if asker.chat:
         return list(asker.tokenizer(choice, add_special_tokens=False)["input_ids"])
-    return list(asker.tokenizer(plain_text(messages) + " " + choice)["input_ids"])[len(context):]
+    cont = list(asker.tokenizer(plain_text(messages) + " " + choice)["input_ids"])[len(context):]
+    return cont or list(asker.tokenizer(" " + choice, add_special_tokens=False)["input_ids"])
 
 
 def score_tasks(asker: Asker, tasks: list[Task], label: str = "model", *, max_new_tokens: int = MAX_NEW_TOKENS,
