@@ -104,6 +104,8 @@ def _shrunk(values: dict[str, Any]) -> dict[str, Any]:
         (isinstance(values[key], int) and not isinstance(values[key], bool)) or (values[key] is None and key in NONE_SHRINK))}
     out.update({key: SHRINK[key] for key in values if key in SHRINK and isinstance(values[key], list)
                 and values[key] and all(isinstance(v, int) for v in values[key])})  # per-layer sizes: one for all
+    if isinstance(values.get("max_position_embeddings"), int) and values["max_position_embeddings"] < 256:
+        out["max_position_embeddings"] = 256  # room for the 132-token document (Blenderbot's default is 128)
     if isinstance(values.get("num_kv_shared_layers"), int):  # layers that reuse another layer's cache: none
         out["num_kv_shared_layers"] = 0
     if isinstance(values.get("qk_rope_head_dim"), int):  # multi-head latent attention: rotary on part of a head
@@ -300,8 +302,10 @@ def check_lora(model: PreTrainedModel, document: Tokenized) -> str:
 
     base = model
     head = base.get_output_embeddings()
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else base
-    allowed = {id(m) for m in decoder.modules()} if decoder is not None else {id(m) for m in base.modules()}
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    if decoder is None or isinstance(decoder, torch.nn.Linear):  # BERT-like heads call their output layer decoder
+        decoder = base
+    allowed = {id(m) for m in decoder.modules()}
     try:
         targets = target_modules(LoraConfig(r=2), base)
         model = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=targets, task_type="CAUSAL_LM"))

@@ -288,6 +288,7 @@ STATE_KEYS = ("mamba_", "ssm_", "linear_num_", "linear_key_", "linear_conv_", "c
 # Families that number positions from padding_idx + 1 (RoBERTa's embeddings), not from 0 as sftkit's position_ids
 OFFSET_POSITIONS = ("roberta", "roberta-prelayernorm", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text",
                     "xmod")
+STATE_LAYERS = ("linear_attention", "mamba", "mamba2", "conv", "hybrid", "recurrent", "rwkv", "xlstm", "ssm")
 RECURRENT_TYPES = ("mamba", "mamba2", "falcon_mamba", "rwkv", "xlstm", "recurrent_gemma")
 
 
@@ -321,6 +322,10 @@ def refusal(model_config: PretrainedConfig, attn_implementation: str | None = No
     other = sorted({k for k in kinds if k not in ATTENTION_LAYERS and k not in ("chunked_attention", "mlp", "moe")})
     # without a list of layer kinds, the config's keys say whether some layers carry a state
     state = [] if kinds else sorted({key for key in text.to_dict() for prefix in STATE_KEYS if key.startswith(prefix)})
+    unknown = [k for k in other if k not in STATE_LAYERS]
+    if unknown:
+        return (f"has attention layers of a kind sftkit does not keep within each document ({', '.join(unknown)}: "
+                "sparse, indexed or compressed attention that picks its keys across the whole row)")
     if text.model_type in RECURRENT_TYPES or other or state:
         what = ", ".join(other) or ", ".join(state[:3]) or text.model_type
         return (f"has layers that carry a state from one token to the next ({what}): in a packed row that state "

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from transformers import (
     GenerationConfig,
     PreTrainedModel,
@@ -148,13 +149,34 @@ def target_modules(lora: LoraConfig, model: PreTrainedModel) -> str | list[str]:
     linear = [name for name, module in model.named_modules() if isinstance(module, (torch.nn.Linear, Conv1D))
               and module is not head]
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if isinstance(decoder, (torch.nn.Linear, Conv1D)):  # BERT-like heads call their output layer `decoder`
+        decoder = None
     prefix = next((name for name, module in model.named_modules() if module is decoder), "")
     modules = dict(model.named_modules())
     chosen = [name for name in linear if (not prefix or name.startswith(prefix + "."))
-              and not type(modules[name]).__module__.startswith("transformers.models.")]
+              and _plain_linear(modules[name])]
     if getattr(model.config, "model_type", None) in MAMBA_TYPES:
         chosen = [name for name in chosen if name.rsplit(".", 1)[-1] not in MAMBA_SKIPPED]
     return "all-linear" if chosen == linear else chosen
+
+
+def _plain_linear(module: torch.nn.Module) -> bool:
+    """Whether a model's own linear subclass computes x @ W.T + b like nn.Linear (Falcon's does; DeepSeek-V4's
+    grouped projection does not), tried once on a small input; nn.Linear, Conv1D and others' layers pass."""
+    kind = type(module)
+    if not kind.__module__.startswith("transformers.models.") or isinstance(module, Conv1D):
+        return True
+    if kind not in _PLAIN:
+        x = torch.randn(3, module.in_features, dtype=module.weight.dtype, device=module.weight.device)
+        try:
+            with torch.no_grad():
+                _PLAIN[kind] = bool(torch.allclose(module(x), F.linear(x, module.weight, module.bias), atol=1e-4))
+        except (RuntimeError, ValueError):
+            _PLAIN[kind] = False
+    return _PLAIN[kind]
+
+
+_PLAIN: dict[type, bool] = {}
 
 
 def keep_tied(model: PreTrainedModel, save: list[str]) -> bool:
