@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-import sftkit.data.render as render_module
+import sftkit.data.spans as spans_module
 from sftkit.data.messages import Conversation, Message
 from sftkit.data.render import IGNORE_INDEX, Renderer
 from sftkit.data.templates import prepare_tokenizer
@@ -32,7 +32,7 @@ def long_conversation(replies: int, system: bool = False) -> Conversation:
 
 def all_exact(monkeypatch: pytest.MonkeyPatch, renderer: Renderer, conversation: Conversation):
     with monkeypatch.context() as patch:
-        patch.setattr(render_module, "_ALL_EXACT", 10**9)
+        patch.setattr(spans_module, "_ALL_EXACT", 10**9)
         return renderer.render(conversation)
 
 

@@ -13,7 +13,7 @@ DOC = REPO / "docs" / "renderer-notes.md"
 
 
 def test_every_note_and_drop_the_code_counts_has_a_row_in_the_doc() -> None:
-    render = (REPO / "src" / "sftkit" / "data" / "render.py").read_text()
+    render = "".join((REPO / "src" / "sftkit" / "data" / name).read_text() for name in ("render.py", "spans.py"))
     notes = set(re.findall(r'warnings\["(\w+)"\]', render))
     drops = {kind.split(":")[0] for kind in re.findall(r'DroppedExample\([^,]+, "([^"]+)"', render)}
     drops |= set(re.findall(r'dropped\["([^"]+)"\]', (REPO / "src" / "sftkit" / "data" / "formats.py").read_text()
