@@ -263,17 +263,30 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def _add_export(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser("export", help="a LoRA adapter as a merged plain HF model (--merge) or a clean adapter")
-    p.add_argument("adapter", metavar="ADAPTER_DIR", help="a LoRA run's final/ or checkpoints/step-N/")
-    p.add_argument("--out", required=True, help="new directory to write")
+    p = commands.add_parser("export", help="a LoRA adapter as a merged plain HF model (--merge) or a clean adapter; "
+                                           "any model directory as one GGUF file (--gguf)")
+    p.add_argument("adapter", metavar="ADAPTER_DIR", help="a LoRA run's final/ or checkpoints/step-N/ (with --gguf: "
+                                                          "also a full run's final/, best/ or step-N/)")
+    p.add_argument("--out", required=True, help="new directory to write (with --gguf: a new FILE.gguf)")
     p.add_argument("--merge", action="store_true", help="fold the adapter into the base: loads without PEFT")
+    p.add_argument("--gguf", action="store_true", help="one GGUF file for llama.cpp / Ollama / LM Studio, with the "
+                                                       "chat template and end-of-turn token (pip install 'sftkit[gguf]')")
     p.add_argument("--base", help="base model directory (default: base_model_name_or_path of adapter_config.json)")
     p.add_argument("--dtype", default="auto", choices=list(DTYPES),
-                   help="dtype of the merged weights (default: the base's own)")
+                   help="dtype of the merged weights, or of the GGUF's matrices (default: the stored dtype)")
     p.set_defaults(func=_run_export)
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    if args.gguf:
+        from sftkit.config import ConfigError
+
+        if args.merge:
+            raise ConfigError("--gguf merges an adapter by itself: leave out --merge")
+        from sftkit.export import export_gguf
+
+        export_gguf(args.adapter, args.out, base=args.base, dtype=args.dtype)
+        return 0
     from sftkit.export import export
 
     export(args.adapter, args.out, merge=args.merge, base=args.base, dtype=args.dtype)

@@ -1,8 +1,9 @@
-"""Export a LoRA run: merged into a plain Hugging Face model, or as a clean PEFT adapter directory.
+"""Export a run: a LoRA adapter merged into a plain Hugging Face model or as a clean adapter; any run as GGUF.
 
     sftkit export runs/tiny-lora/final --out runs/tiny-lora/merged --merge        # plain HF model, no PEFT needed
     sftkit export runs/tiny-lora/checkpoints/step-50 --out adapters/step-50       # adapter only, no training state
     sftkit export runs/tiny-lora/final --out merged --merge --base models/qwen2.5 # the base moved since training
+    sftkit export runs/tiny/final --gguf --out tiny.gguf                          # llama.cpp / Ollama / LM Studio
 
 `--merge` loads the base named in adapter_config.json (`base_model_name_or_path`, or `--base`),
 grows its vocabulary to the adapter's tokenizer exactly as training did, loads the adapter, folds
@@ -14,6 +15,10 @@ Merging happens in float32 on the CPU; the weights are written in the base's own
 
 Without `--merge` the adapter is loaded the same way and saved again by PEFT: adapter_config.json,
 adapter_model.safetensors, tokenizer, generation config, and no optimizer or trainer state.
+
+With `--gguf` the model directory (a full run's final/, best/ or step-N/; an adapter is merged in
+memory first) becomes one GGUF file through llama.cpp's `gguf` writer (`sftkit.gguf_export`), with the
+run's chat template and end-of-turn token in its metadata.
 
 Either way the directory is written to `OUT.tmp` and renamed, so a failed export leaves nothing
 half-written; an existing non-empty OUT is refused rather than overwritten.
@@ -94,4 +99,41 @@ def export(
             shutil.copyfile(adapter / CONFIG_FILE, tmp / CONFIG_FILE)
     kind = "merged Hugging Face model (loads without PEFT)" if merge else "PEFT adapter"
     print(f"exported {kind} to {out} (base {base_dir})")
+    return out
+
+
+def export_gguf(model_dir: str | Path, out: str | Path, *, base: str | Path | None = None, dtype: str = "auto") -> Path:
+    """`sftkit export --gguf`: write `out` (a .gguf file) from a model or adapter directory; return it."""
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM
+
+    from sftkit.data.templates import end_of_turn_token_ids
+    from sftkit.generate import training_template_kwargs
+    from sftkit.gguf_export import check_supported, write_gguf
+    from sftkit.model import check_local_dir, load_tokenizer
+
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError("--gguf needs llama.cpp's gguf package, which is not installed here: pip install 'sftkit[gguf]'")
+    source, out = check_local_dir(model_dir, "MODEL_DIR"), Path(out).expanduser()
+    if out.suffix != ".gguf":
+        raise ModelError(f"--out {out}: with --gguf, name the file to write, ending in .gguf")
+    if out.exists():
+        raise ModelError(f"--out {out}: already exists — choose a new file name")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    adapter = is_adapter_dir(source)
+    config_dir = adapter_base(source, base) if adapter else source
+    check_supported(config_dir, source)  # refused by name before any weight is read
+    if adapter:
+        model, tokenizer = load_adapter(source, base=config_dir)
+        model = retie(model.merge_and_unload(), config_dir)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, local_files_only=True)
+        tokenizer = load_tokenizer(source)
+    stored = str(stored_dtype(config_dir)).removeprefix("torch.")
+    eos_ids = end_of_turn_token_ids(tokenizer, training_template_kwargs(source))
+    write_gguf(model.eval(), tokenizer, config_dir, source, out, stored if dtype == "auto" else dtype, eos_ids)
+    print(f"exported GGUF to {out} ({out.stat().st_size / 2**20:.1f} MiB, {model.config.model_type}, "
+          f"{stored if dtype == 'auto' else dtype}; chat template and end of turn "
+          f"{tokenizer.convert_ids_to_tokens(eos_ids[0]) if eos_ids else 'none'} in its metadata)")
     return out
