@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sftkit.checkpoint import save_config
 from sftkit.cli import main
 from sftkit.config import ConfigError
 from sftkit.recipe import config_from_dict, load_config
@@ -116,7 +117,7 @@ def test_required_and_conflicting_keys() -> None:
 
 def test_dump_round_trips(tmp_path: Path) -> None:
     config = load_config(None, BASE + ["train.lr=1e-5", "data.template=chatml", "data.template_kwargs={a: 1}"])
-    path = config.dump(tmp_path / "run" / "config.yaml")
+    path = save_config(config, tmp_path / "run" / "config.yaml")
     assert yaml.safe_load(path.read_text())["train"]["lr"] == 1e-5
     again = load_config(path)
     assert again == config

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sftkit.checkpoint import save_config
 from sftkit.recipe import load_config
 from tests.conftest import HAVE_SHARED
 
@@ -89,6 +90,6 @@ def test_the_run_config_written_beside_a_run_is_a_recipe_that_means_the_same(
     """`sftkit train OUT/sftkit_config.yaml train.resume=true` must find the same files and the same OUT."""
     monkeypatch.chdir(tmp_path)
     config = load_config(CONFIGS / "tiny-cpu.yaml", ["output_dir=runs/here", "data.eval_fraction=0.2"])
-    saved = config.dump(tmp_path / "runs" / "here" / "sftkit_config.yaml")
+    saved = save_config(config, tmp_path / "runs" / "here" / "sftkit_config.yaml")
     monkeypatch.chdir(CONFIGS)
     assert load_config(saved) == config

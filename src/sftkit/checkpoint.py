@@ -52,6 +52,7 @@ from sftkit.durable import (
     MANIFEST,
     UnsafePathError,
     atomic_dir,
+    atomic_file,
     under,
     verify_checkpoint,
 )
@@ -78,6 +79,14 @@ def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
 
 
 # -- model directories --------------------------------------------------------------------------
+def save_config(config: Config, path: Path) -> Path:
+    """The resolved config as YAML, atomically: in the run directory and beside every model written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
+        tmp.write_text(config.to_yaml())
+    return path
+
+
 def save_hf_dir(
     directory: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, eos_ids: list[int],
     state_dict: dict[str, torch.Tensor] | None = None,
@@ -134,7 +143,7 @@ def save_model(output_dir: str | Path, name: str, model: PreTrainedModel, tokeni
     if dist.is_main:
         with atomic_dir(target) as tmp:
             save_hf_dir(tmp, model, tokenizer, eos_ids, state_dict)
-            config.dump(tmp / CONFIG_FILE)
+            save_config(config, tmp / CONFIG_FILE)
             for file, content in (extra or {}).items():
                 (tmp / file).write_text(json.dumps(content))
     dist.barrier()
@@ -224,7 +233,7 @@ def save_checkpoint(
                 save_tokenizer(tokenizer, tmp)
             else:
                 save_hf_dir(tmp, model, tokenizer, eos_ids)
-            config.dump(tmp / CONFIG_FILE)
+            save_config(config, tmp / CONFIG_FILE)
             write_training_state(tmp, None if sharded else optimizer, scheduler, state, metrics_file)
     except (OSError, RuntimeError, SafetensorError) as err:
         raise write_error(target, err, previous, output_dir) from err

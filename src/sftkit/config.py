@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args, get_origin, get_type_hints
 
 import yaml
@@ -29,6 +28,7 @@ CONFIG_FILE = "sftkit_config.yaml"  # the resolved config, in every run director
 DTYPES: tuple[str, ...] = get_args(DType)
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 BATCHING: tuple[str, ...] = get_args(Batching)
+TRACKERS = ("tensorboard", "trackio", "mlflow", "wandb")
 
 # Read by pydantic (sftkit.recipe): no unknown keys; the docstring under a field is its description.
 _SCHEMA = {"extra": "forbid", "use_attribute_docstrings": True}
@@ -40,6 +40,11 @@ class ConfigError(ValueError):
 
 def _fail(key: str, problem: str) -> None:
     raise ConfigError(f"{key}: {problem}")
+
+
+def _fail_if(wrong: bool, key: str, problem: str) -> None:
+    if wrong:
+        _fail(key, problem)
 
 
 def _check_choices(section: Any) -> None:
@@ -100,8 +105,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check_choices(self)
-        if not self.path:
-            _fail("model.path", "required: a local directory with config.json, weights and a tokenizer")
+        _fail_if(not self.path, "model.path", "required: a local directory with config.json, weights and a tokenizer")
         if not self.attn_implementation:
             _fail("model.attn_implementation", "must not be empty (e.g. 'sdpa' or 'eager')")
 
@@ -164,17 +168,12 @@ class DataConfig:
         _check_choices(self)
         if isinstance(self.train, str):
             self.train = [self.train]
-        if not self.train:
-            _fail("data.train", "required: a path or a list of paths")
+        _fail_if(not self.train, "data.train", "required: a path or a list of paths")
         self.sources()  # validates every entry
-        if not 0.0 <= self.eval_fraction < 1.0:
-            _fail("data.eval_fraction", f"{self.eval_fraction} must be in [0, 1)")
-        if self.eval and self.eval_fraction:
-            _fail("data.eval", "give data.eval or data.eval_fraction, not both")
-        if self.max_length < 2:
-            _fail("data.max_length", f"{self.max_length} is too short (at least 2 tokens)")
-        if self.num_proc < 1:
-            _fail("data.num_proc", f"{self.num_proc} must be at least 1")
+        _fail_if(not 0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", f"{self.eval_fraction} must be in [0, 1)")
+        _fail_if(self.eval and self.eval_fraction, "data.eval", "give data.eval or data.eval_fraction, not both")
+        _fail_if(self.max_length < 2, "data.max_length", f"{self.max_length} is too short (at least 2 tokens)")
+        _fail_if(self.num_proc < 1, "data.num_proc", f"{self.num_proc} must be at least 1")
         if self.strategy == "all" and self.turns in ("per_turn", "last"):
             _fail("data.turns", f"{self.turns} trains assistant replies, but data.strategy=all trains every token: "
                   "drop one of the two")
@@ -258,47 +257,36 @@ class TrainConfig:
     """torch.compile each decoder layer (dynamic shapes). Off by default: compiling takes about a minute and
     inductor needs a C++ compiler on CPU; whether it pays depends on the model and the machine — measure it."""
     strategy: Literal["ddp", "fsdp"] = "ddp"
-    """How the processes of `torchrun` (or `sftkit train --nproc N`) share the work: ddp (each holds the whole
-    model; DistributedDataParallel) | fsdp (FSDP2: weights, gradients and optimizer state sharded, one decoder
-    layer gathered at a time). Ignored in a single process. See docs/distributed.md."""
+    """How torchrun's processes (`sftkit train --nproc N`) share the work: ddp (each holds the whole model) | fsdp
+    (FSDP2: weights, gradients, optimizer state sharded; a layer gathered at a time). docs/distributed.md."""
     mixed_precision: Literal["float32", "bfloat16", "float16"] | None = None
-    """With strategy=fsdp: bfloat16 | float16 computes in that dtype while the sharded weights and the optimizer
-    stay in model.dtype (float32 master weights: model.dtype=float32) and gradients are reduced in float32;
-    null = compute in model.dtype."""
+    """With strategy=fsdp: compute in bfloat16 | float16, weights and optimizer in model.dtype (float32 master
+    weights: model.dtype=float32), gradients reduced in float32; null = compute in model.dtype."""
     cpu_offload: bool = False
     """With strategy=fsdp on GPUs: keep the sharded weights, gradients and optimizer state in CPU memory."""
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
-    """Where metrics.jsonl's rows also go, each offline under output_dir (sftkit.trackers): tensorboard | trackio |
-    mlflow | wandb, any of them ([] = metrics.jsonl only); all but tensorboard are extras: pip install
-    'sftkit[trackers]'."""
+    """Where metrics.jsonl's rows also go, offline under output_dir (sftkit.trackers): any of tensorboard | trackio
+    | mlflow | wandb ([] = metrics.jsonl only); all but tensorboard need pip install 'sftkit[trackers]'."""
 
     def __post_init__(self) -> None:
         _check_choices(self)
         for name in self.report_to:
-            if name not in ("tensorboard", "trackio", "mlflow", "wandb"):
-                _fail("train.report_to", f"{name!r} is not one of tensorboard, trackio, mlflow, wandb")
-        if len(set(self.report_to)) != len(self.report_to):
-            _fail("train.report_to", f"{self.report_to} names a tracker twice")
+            _fail_if(name not in TRACKERS, "train.report_to", f"{name!r} is not one of {', '.join(TRACKERS)}")
+        _fail_if(len(set(self.report_to)) != len(self.report_to), "train.report_to", f"{self.report_to}: a tracker twice")
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
                     "log_every": self.log_every, "sample_max_new_tokens": self.sample_max_new_tokens}
         for name, value in positive.items():
-            if value < 1:
-                _fail(f"train.{name}", f"{value} must be at least 1")
+            _fail_if(value < 1, f"train.{name}", f"{value} must be at least 1")
         for name in ("max_steps", "eval_max_batches", "early_stopping_patience"):
             value = getattr(self, name)
-            if value is not None and value < 1:
-                _fail(f"train.{name}", f"{value} must be at least 1 (or null)")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            _fail("train.lr", f"{self.lr} must be a positive number")
-        if self.weight_decay < 0:
-            _fail("train.weight_decay", f"{self.weight_decay} must be >= 0")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            _fail("train.warmup_ratio", f"{self.warmup_ratio} must be in [0, 1)")
+            _fail_if(value is not None and value < 1, f"train.{name}", f"{value} must be at least 1 (or null)")
+        _fail_if(not (self.lr > 0 and math.isfinite(self.lr)), "train.lr", f"{self.lr} must be a positive number")
+        _fail_if(self.weight_decay < 0, "train.weight_decay", f"{self.weight_decay} must be >= 0")
+        _fail_if(not 0.0 <= self.warmup_ratio < 1.0, "train.warmup_ratio", f"{self.warmup_ratio} must be in [0, 1)")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             _fail("train.max_grad_norm", f"{self.max_grad_norm} must be > 0 (or null)")
         for name in ("eval_every", "save_every"):
-            if getattr(self, name) < 0:
-                _fail(f"train.{name}", f"{getattr(self, name)} must be >= 0")
+            _fail_if(getattr(self, name) < 0, f"train.{name}", f"{getattr(self, name)} must be >= 0")
         if self.keep_checkpoints is not None and self.keep_checkpoints < 1:
             _fail("train.keep_checkpoints", f"{self.keep_checkpoints} must be at least 1 (or null to keep all)")
         for name in ("mixed_precision", "cpu_offload"):
@@ -349,12 +337,10 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         _check_choices(self)
-        if self.r < 1:
-            _fail("lora.r", f"{self.r} must be at least 1")
+        _fail_if(self.r < 1, "lora.r", f"{self.r} must be at least 1")
         if not (self.alpha > 0 and math.isfinite(self.alpha)):
             _fail("lora.alpha", f"{self.alpha} must be a positive number")
-        if not 0.0 <= self.dropout < 1.0:
-            _fail("lora.dropout", f"{self.dropout} must be in [0, 1)")
+        _fail_if(not 0.0 <= self.dropout < 1.0, "lora.dropout", f"{self.dropout} must be in [0, 1)")
         if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
             self.target_modules = [self.target_modules]  # one module name, not a regular expression
         names = [] if self.target_modules == "all-linear" else self.target_modules
@@ -422,9 +408,6 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def dump(self, path: str | Path) -> Path:
-        """Write the resolved config as YAML (loadable again with `sftkit.recipe.load_config`)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True))
-        return path
+    def to_yaml(self) -> str:
+        """The resolved config as YAML (`sftkit.recipe.load_config` reads it back; checkpoint.save_config writes it)."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)

@@ -280,7 +280,7 @@ def setup(config: Config, dist: distributed.Local) -> Run:
     dist.wrap(model, config)  # torchrun: DDP or FSDP2; nothing in one process
     optimizer, scheduler = setup_optimizer(model, tc, total)
     if dist.is_main:
-        config.dump(out / CONFIG_FILE)
+        checkpoint.save_config(config, out / CONFIG_FILE)
     monitor = Monitor(config, tokenizer, eos_ids, pad_id, dist)  # forgetting, best/, early stop
 
     state = TrainState()
