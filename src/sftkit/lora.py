@@ -170,8 +170,10 @@ def _plain_linear(module: torch.nn.Module) -> bool:
         x = torch.randn(3, module.in_features, dtype=module.weight.dtype, device=module.weight.device)
         try:
             with torch.no_grad():
-                _PLAIN[kind] = bool(torch.allclose(module(x), F.linear(x, module.weight, module.bias), atol=1e-4))
-        except (RuntimeError, ValueError):
+                out = module(x)
+                _PLAIN[kind] = isinstance(out, torch.Tensor) and out.shape == (3, module.out_features) and bool(
+                    torch.allclose(out, F.linear(x, module.weight, module.bias), atol=1e-4))
+        except (RuntimeError, ValueError, TypeError):  # a router returning a tuple, a grouped projection, ...
             _PLAIN[kind] = False
     return _PLAIN[kind]
 
