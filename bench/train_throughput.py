@@ -28,12 +28,21 @@ is its own, read with wait4):
   TRL packed (wrapped)                     packing_strategy="wrapped": documents attend across each other
                                            and are cut at row ends; shown for honesty, never "best"
 
-Throughput leaves out the first 10 optimizer steps (warm-up); trained tokens carry loss, input
-tokens are all non-pad tokens. "final loss" is the token-weighted loss on the 100 held-out
-conversations after training, computed by the same function (`sftkit.evaluate.perplexity.eval_loss`) for both.
-On CUDA it also prints MFU against a measured bf16 matmul rate (written for CUDA, untested: the
-machine this was written on has no GPU). The last line is `sftkit/TRL trained tokens/s ratio:
-X.XX`: sftkit's best configuration against TRL's best that keeps documents apart.
+Throughput leaves out the first `--log-every` (10) optimizer steps (warm-up); trained tokens carry loss,
+input tokens are all non-pad tokens. "final loss" is the token-weighted loss on the 100 held-out
+conversations after training (`--eval-batches N`: the first N batches), computed by the same function
+(`sftkit.evaluate.perplexity.eval_loss`) for both.
+
+MFU: model FLOPs per trained token (`training_flops`: 6 N for the blocks over every input token, 4 N for
+a frozen LoRA base plus 6 per adapter weight, causal attention at each document's real length, the head
+at trained positions only) x trained tokens/s, over a peak measured in the same run: on CPU the best
+fp32 `torch.mm` rate at the model's shapes (tokens per step x hidden x hidden / intermediate / vocab)
+and at a 3072 square, at the start and at the end; on CUDA a bf16 8192^3 matmul. The last lines are
+`sftkit/TRL trained tokens/s ratio: X.XX` (sftkit's best full fine-tuning configuration against TRL's
+best that keeps documents apart) and `sftkit CPU MFU: Y%` (GPU on CUDA).
+
+    .venv/bin/python bench/train_throughput.py --model qwen2-100m --quick --batch 2 --max-steps 5 --log-every 1 \
+        --eval-batches 1 --configs "sftkit padding-free" "TRL padding-free"    # the 100M model, a few steps
 """
 
 from __future__ import annotations
