@@ -195,3 +195,24 @@ def test_a_packed_trained_model_generates_like_an_unpacked_one(model_type: str, 
     chat = [{"role": "user", "content": "Give me a word that rhymes with 'light'."}]
     replies = [generate_reply(m, tokenizer, chat, max_new_tokens=12).text for m in models]
     assert replies[0] == replies[1]
+
+
+def test_router_loss_is_logged_apart_from_the_cross_entropy(phi3) -> None:
+    """backward_window returns the cross-entropy sum (what metrics.jsonl's `loss` is) and adds the router's
+    load-balancing loss x trained tokens to `sums` (metrics.jsonl's `router_loss`, per trained token)."""
+    from sftkit.train import TrainState, backward_window
+
+    tokenizer, documents = phi3
+    model = build("qwen3_moe", len(tokenizer))
+    model.train()
+    batch = collate(list(documents), tokenizer.pad_token_id)
+    expected: dict[str, float] = {}
+    token_loss_sum(model, batch, parts=expected)
+    state = TrainState()
+    total, n_trained = backward_window(model, [batch], sums=state.sums)
+    assert total == pytest.approx(expected["cross_entropy"], rel=1e-5)
+    assert state.sums["router_loss"] == pytest.approx(expected["router_loss"] * n_trained, rel=1e-5)
+    state.add(total, n_trained, n_trained, 1.0)
+    row = state.record(per_epoch=1, lr=0.0)
+    assert row["loss"] == pytest.approx(expected["cross_entropy"] / n_trained, rel=1e-5)
+    assert row["router_loss"] == pytest.approx(expected["router_loss"], rel=1e-5) and state.sums == {}

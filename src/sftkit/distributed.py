@@ -82,8 +82,8 @@ class TokenLoss(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return token_loss_sum(self.model, batch)
+    def forward(self, batch: dict[str, torch.Tensor], parts: dict[str, float] | None = None) -> torch.Tensor:
+        return token_loss_sum(self.model, batch, parts=parts)
 
 
 def state_options(**kwargs: Any) -> Any:
@@ -114,8 +114,9 @@ class Local:
     def wrap(self, model: nn.Module, config: Config) -> None:
         """DDP or FSDP around the model (in place for FSDP); nothing in one process."""
 
-    def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return token_loss_sum(model, batch)
+    def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor],
+                 parts: dict[str, float] | None = None) -> torch.Tensor:
+        return token_loss_sum(model, batch, parts=parts)
 
     def accumulating(self, last: bool) -> contextlib.AbstractContextManager[None]:
         """Around one micro-batch's forward and backward: gradients are reduced after the last one only."""
@@ -212,9 +213,10 @@ class Distributed(Local):
             self.module(_warm_up_batch(self.device))
         self.module.reshard()  # the root keeps its weights gathered after a forward: the optimizer wants the shards
 
-    def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor],
+                 parts: dict[str, float] | None = None) -> torch.Tensor:
         assert self.module is not None, "wrap() the model first"
-        return self.module(batch)
+        return self.module(batch, parts)
 
     @contextlib.contextmanager
     def accumulating(self, last: bool) -> Iterator[None]:

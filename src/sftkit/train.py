@@ -101,25 +101,33 @@ def setup_optimizer(model: torch.nn.Module, train: TrainConfig, total_steps: int
 
 
 def backward_window(model: PreTrainedModel, batches: list[dict[str, torch.Tensor]],
-                    dist: distributed.Local = distributed.LOCAL) -> tuple[float, int]:
+                    dist: distributed.Local = distributed.LOCAL, sums: dict[str, float] | None = None
+                    ) -> tuple[float, int]:
     """Accumulate the gradient of (sum of token losses / trained tokens) over a whole window.
 
     Every micro-batch divides by the window's trained-token count, not its own, so any split of
     the window into micro-batches gives the same gradient. Under torchrun `batches` are this rank's
-    part of the window and the count is over all ranks. Returns (loss sum, trained tokens) of the
-    whole window.
+    part of the window and the count is over all ranks. Returns (cross-entropy sum, trained tokens)
+    of the whole window; `sums["router_loss"]` gets an MoE router's load-balancing loss times the
+    trained tokens (it is in the gradient, not in the returned sum: sftkit.loss).
     """
     n_trained = dist.all_sum([sum(trained_token_count(b) for b in batches)])[0]
-    total = 0.0
+    total, router = 0.0, 0.0
     for i, batch in enumerate(batches):
+        parts: dict[str, float] = {}
         with dist.accumulating(last=i == len(batches) - 1):  # DDP / FSDP reduce gradients after the last only
-            loss_sum = dist.loss_sum(model, {k: v.to(model.device, non_blocking=True) for k, v in batch.items()})
+            loss_sum = dist.loss_sum(model, {k: v.to(model.device, non_blocking=True) for k, v in batch.items()},
+                                     parts)
             loss = loss_sum / max(n_trained, 1)
             if dist.world > 1:  # DDP and FSDP average the ranks' gradients; the window's mean is their sum
                 loss = loss * dist.world
             loss.backward()
-        total += loss_sum.item()
-    return dist.all_sum([total])[0], n_trained
+        total += parts.get("cross_entropy", loss_sum.item())
+        router += parts.get("router_loss", 0.0) * trained_token_count(batch)
+    total, router = dist.all_sum([total, router])
+    if sums is not None and router:
+        sums["router_loss"] = sums.get("router_loss", 0.0) + router
+    return total, n_trained
 
 
 @dataclass
@@ -135,6 +143,7 @@ class TrainState:
     nan_skipped: list[int] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
     grad_norm: float = 0.0  # of the last step, before clipping
+    sums: dict[str, float] = field(default_factory=dict)  # the interval's other losses (an MoE's router_loss)
     elapsed: float = 0.0  # seconds of training before this process (a resumed run carries its past time)
     began: float = field(default_factory=time.perf_counter)
 
@@ -153,7 +162,8 @@ class TrainState:
         row = {"step": self.step, "epoch": round(self.step / per_epoch, 4), "loss": self.loss / max(self.trained, 1),
                "lr": lr, "grad_norm": self.grad_norm, "tokens": self.tokens, "tokens_per_s": self.trained / seconds,
                "input_tokens_per_s": self.inputs / seconds, "elapsed_s": round(self.seconds, 2),
-               "peak_mem_gb": peak_memory_gb()}
+               "peak_mem_gb": peak_memory_gb(), **{k: v / max(self.trained, 1) for k, v in self.sums.items()}}
+        self.sums = {}
         self.loss, self.trained, self.inputs, self.started = 0.0, 0, 0, time.perf_counter()
         return row
 
@@ -218,7 +228,7 @@ def loop(run: Run, stop: faults.StopSignals) -> Path:
     while state.step < run.total:
         # one optimizer step = one window of grad_accum micro-batches, loss averaged over its trained tokens
         epoch, batches, sources = run.batcher.batches(state.step, dist.rank, dist.world)  # this rank's part
-        loss_sum, n_trained = backward_window(model, batches, dist)
+        loss_sum, n_trained = backward_window(model, batches, dist, state.sums)
         grad_norm = faults.gradient_norm(model.parameters(), tc.max_grad_norm)  # clips when max_grad_norm is set
         if run.guard.check(state.step + 1, loss_sum, grad_norm, sources, run.last_saved, run.config.output_dir):
             run.optimizer.step()
