@@ -137,6 +137,12 @@ def test_round_trip_with_tokenizer(tmp_path: Path, family: str, tokenizer: str) 
         scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](AutoConfig.from_pretrained(model_dir), "cpu")
         if default is not None:  # llama.cpp divides each frequency by its factor: the same scaled frequencies
             assert torch.allclose(default / torch.tensor(factors), scaled, rtol=1e-5)
+    if family == "qwen3":  # transformers' reader takes Qwen3's head_dim from its default (128), not from the
+        from transformers import AutoConfig  # file's attention.key_length: the tiny model's is 16
+
+        head_dim = AutoConfig.from_pretrained(model_dir).head_dim
+        assert field(gguf_file, "qwen3.attention.key_length") == head_dim == 16
+        config["head_dim"] = head_dim
     diff, want, got = compare(model_dir, gguf_file, **config)
     print(f"{family}: {gguf_file.stat().st_size / 2**20:.1f} MiB, max |logit diff| {diff:.2e}, greedy equal {got == want}")
     assert diff < 1e-4 and got == want
