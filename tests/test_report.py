@@ -107,7 +107,7 @@ def test_trained_tokens_are_coloured_as_data_preview_colours_them(run: Path) -> 
     prepare_tokenizer(tokenizer, config.data.template)
     train, _ = load_data(config.data, tokenizer, config.train.seed, progress=False)
     want = [piece for i in range(3) for piece in re.findall(r"\[\[(.*?)\]\]", coloured(train.examples[i], tokenizer, False),
-                                                               re.S)]
+                                                               re.DOTALL)]
     assert want and Page((run / "report.html").read_text()).trained == want
     assert ansi_to_html("\033[1;32m<b>\033[0m\033[2;37mx\033[0m") == \
         '<span class="trained">&lt;b&gt;</span><span class="masked">x</span>'
@@ -135,7 +135,7 @@ def test_report_renders_in_headless_chromium_without_console_messages(run: Path,
     shot = tmp_path / "report.png"
     base = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
             "--window-size=1280,3000", f"--user-data-dir={tmp_path / 'profile'}"]
-    dom = subprocess.run([*base, "--dump-dom", (run / "report.html").as_uri()], capture_output=True, text=True,
+    dom = subprocess.run([*base, "--dump-dom", (run / "report.html").as_uri()], check=False, capture_output=True, text=True,
                          timeout=120)
     assert dom.returncode == 0 and all(f'<section id="{s}">' in dom.stdout for s in SECTIONS)
     console = [line for line in dom.stderr.splitlines() if ":CONSOLE" in line]
