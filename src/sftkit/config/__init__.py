@@ -8,55 +8,35 @@ built from a YAML recipe (`sftkit.recipe.load_config`, which also checks types a
 directly in Python; every problem is a `ConfigError` naming the dotted key. The resolved config is
 written as `sftkit_config.yaml` into the run directory and beside every model a run writes.
 
-This module imports nothing of sftkit: every other module may import it.
+This package imports nothing else of sftkit: every other module may import it (checks.py holds the
+choices, `ConfigError` and the checks the sections share).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar, Literal, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Literal
 
 import yaml
 
-DType = Literal["auto", "float32", "bfloat16", "float16"]
-Strategy = Literal["assistant", "last", "all"]
-Batching = Literal["padded", "grouped", "padding_free", "packed"]
-Turns = Literal["auto", "whole", "per_turn", "last"]
-Reasoning = Literal["train", "mask", "drop"]
-CONFIG_FILE = "sftkit_config.yaml"  # the resolved config, in every run directory and beside every model written
-DTYPES: tuple[str, ...] = get_args(DType)
-STRATEGIES: tuple[str, ...] = get_args(Strategy)
-BATCHING: tuple[str, ...] = get_args(Batching)
-TRACKERS = ("tensorboard", "trackio", "mlflow", "wandb")
-
-# Read by pydantic (sftkit.recipe): no unknown keys; the docstring under a field is its description.
-_SCHEMA = {"extra": "forbid", "use_attribute_docstrings": True}
-
-
-class ConfigError(ValueError):
-    """A config problem, always naming the dotted key it is about."""
-
-
-def _fail(key: str, problem: str) -> None:
-    raise ConfigError(f"{key}: {problem}")
-
-
-def _fail_if(wrong: bool, key: str, problem: str) -> None:
-    if wrong:
-        _fail(key, problem)
-
-
-def _check_choices(section: Any) -> None:
-    """Every Literal-typed key of `section` holds one of its choices (also when built directly, not from YAML)."""
-    for name, hint in get_type_hints(type(section)).items():
-        args = get_args(hint)
-        literal = hint if get_origin(hint) is Literal else next((a for a in args if get_origin(a) is Literal), None)
-        value = getattr(section, name)
-        if literal is None or value in get_args(literal) or (value is None and type(None) in args):
-            continue
-        options = ("null, " if type(None) in args else "") + ", ".join(get_args(literal))
-        _fail(f"{section.section}.{name}", f"{value!r} is not one of {options}")
+from sftkit.config.checks import (  # noqa: F401 (re-exported: `from sftkit.config import ConfigError, ...`)
+    _SCHEMA,
+    BATCHING,
+    CONFIG_FILE,
+    DTYPES,
+    STRATEGIES,
+    TRACKERS,
+    Batching,
+    ConfigError,
+    DType,
+    Reasoning,
+    Strategy,
+    Turns,
+    _check_choices,
+    _fail,
+    _fail_if,
+)
 
 
 @dataclass(frozen=True)
