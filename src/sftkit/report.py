@@ -257,7 +257,9 @@ def section_compare(run_dir: Path, base: str | Path, prompts: str | Path, max_ne
     from sftkit.evaluate.compare import compare, read_prompts
 
     rows = compare(base, run_dir / "final", read_prompts(prompts), max_new_tokens=max_new_tokens)
-    mark = lambda reply: _esc(reply.text) + ("" if reply.stopped else ' <span class="warn">…</span>')  # noqa: E731
+    def mark(reply: Any) -> str:  # a reply cut by the token limit is marked
+        return _esc(reply.text) + ("" if reply.stopped else ' <span class="warn">…</span>')
+
     table = _table(["#", "prompt", "base", "tuned"],
                    [[n, _esc(row.question), mark(row.base), mark(row.tuned)] for n, row in enumerate(rows, 1)], {0})
     ended = f"base {sum(r.base.stopped for r in rows)}/{len(rows)}, tuned {sum(r.tuned.stopped for r in rows)}/{len(rows)}"
