@@ -171,6 +171,7 @@ def _chunked_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     """The loss sum; with `grads`, also fill d(loss)/d(hidden, weight, bias) chunk by chunk."""
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, hidden.shape[0], chunk):
+        logits = exps = d_logits = None  # the last chunk's logits go before this chunk's exist: one at a time
         h, t = hidden[start : start + chunk], targets[start : start + chunk]
         logits = F.linear(h, weight, bias).float()
         target_logits = logits.gather(1, t[:, None])
