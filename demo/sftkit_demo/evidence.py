@@ -44,6 +44,7 @@ from sftkit.data.templates import pad_token_id
 from sftkit.durable import file_sha256
 from sftkit.evaluate.compare import compare, markdown
 from sftkit.evaluate.diff import weight_diff
+from sftkit.evaluate.task_eval import generate_batch
 from sftkit.generate import encode_prompt, load_for_generation, stop_ids
 from sftkit.model import load_tokenizer
 from sftkit.recipe import config_from_dict
@@ -148,24 +149,6 @@ class Score:
     correct: float
     stopped: float
     words: float
-
-
-@torch.no_grad()
-def generate_batch(model: Any, prompts: list[list[int]], stops: list[int], pad_id: int, max_new_tokens: int,
-                   batch_size: int = 32) -> list[tuple[list[int], bool]]:
-    """Greedy continuations of token-id prompts, left-padded in batches: (new ids up to the stop, stopped)."""
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        width = max(map(len, chunk))
-        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk], device=model.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=model.device)
-        new = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=stops, pad_token_id=pad_id, temperature=None, top_p=None, top_k=None)
-        for row in new[:, width:].tolist():
-            cut = next((i for i, t in enumerate(row) if t in stops), None)
-            out.append((row[:cut] if cut is not None else row, cut is not None))
-    return out
 
 
 def ask(model_dir: Path, questions: list[dict[str, Any]], *, chat: bool, base: Path | None = None,

@@ -19,10 +19,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from sftkit.data.templates import pad_token_id
+from sftkit.evaluate.task_eval import generate_batch
 from sftkit.generate import encode_prompt, stop_ids
 
 _SENTENCE_END = re.compile(r"(?<=[.?!])\s|\n")
@@ -55,28 +55,14 @@ def judge(reply: str, expected: str, country: str) -> Verdict:
     return Verdict(answered, answered and found)
 
 
-@torch.no_grad()
 def generate_batched(
     model: PreTrainedModel, prompts: list[list[int]], stops: list[int], pad_id: int, max_new_tokens: int,
     batch_size: int = 32,
 ) -> list[list[int]]:
-    """Greedy continuations of token-id prompts, `batch_size` at a time (left-padded), each cut after its
-    first stop id. Batching is what keeps the demo's few hundred questions within seconds on a CPU."""
+    """Greedy continuations of token-id prompts, batched and left-padded (`sftkit eval`'s own generation),
+    each cut before its first stop id. Batching keeps the demo's few hundred questions within seconds."""
     model.eval()
-    results: list[list[int]] = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i : i + batch_size]
-        width = max(map(len, chunk))
-        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk], device=model.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=model.device)
-        out = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, top_p=None,
-            top_k=None, temperature=None, eos_token_id=stops, pad_token_id=pad_id,
-        )
-        for row in out[:, width:].tolist():
-            cut = next((j for j, t in enumerate(row) if t in stops), len(row))
-            results.append(row[:cut])
-    return results
+    return [ids for ids, _ in generate_batch(model, prompts, stops, pad_id, max_new_tokens, batch_size)]
 
 
 def ask_base(
