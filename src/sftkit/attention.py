@@ -170,11 +170,13 @@ def _per_document(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, b
                   scaling: float | None, window: int | None) -> torch.Tensor:
     gqa = query.shape[1] != key.shape[1]
     outputs = []
-    for start, end in itertools.pairwise(bounds):
-        mask = _causal(end - start, window, query.device) if window and window < end - start else None
+    lengths = [end - start for start, end in itertools.pairwise([0, *bounds[1:-1], query.shape[2]])]
+    # split, not slices: a slice's backward zero-fills a whole-row gradient per document and adds them all up
+    for q, k, v in zip(*(t.split(lengths, dim=2) for t in (query, key, value))):
+        n = q.shape[2]
+        mask = _causal(n, window, query.device) if window and window < n else None
         outputs.append(F.scaled_dot_product_attention(
-            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], attn_mask=mask,
-            dropout_p=dropout, scale=scaling, is_causal=mask is None, enable_gqa=gqa))
+            q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling, is_causal=mask is None, enable_gqa=gqa))
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous()
 
 
