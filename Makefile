@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[dev,lora,bench,serve]'
+	$(BIN)/python -m pip install -q -e '.[dev,lora,bench,serve,trackers,gguf]'
 	touch $(STAMP)
 
 # base model vs SFT on held-out facts, offline, under 5 minutes on 2 CPU cores -> runs/demo/ (see README)
