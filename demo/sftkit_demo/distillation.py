@@ -39,7 +39,7 @@ def held_out_accuracy(model_dir: Path, seed: int) -> tuple[float, float, int]:
     return answered, correct, len(rows)
 
 
-def run(teacher: Path, work: Path, out: Path, base: Path = DEFAULT_BASE, seed: int = 0) -> str:
+def run(teacher: Path, work: Path, out: Path, base: Path = DEFAULT_BASE, seed: int = 0) -> dict:
     import torch
 
     from sftkit.train import train
@@ -81,7 +81,10 @@ def run(teacher: Path, work: Path, out: Path, base: Path = DEFAULT_BASE, seed: i
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(table)
     print(table)
-    return table
+    return {"prompts": len(fresh), "kept": report.written, "dropped": dict(report.dropped),
+            "distill_seconds": distill_seconds, "n": teacher_fig[2], "teacher_correct": teacher_fig[1] / 100,
+            "student_correct": student_fig[1] / 100, "teacher_answered": teacher_fig[0] / 100,
+            "student_answered": student_fig[0] / 100, "report": str(out)}
 
 
 def main(argv: list[str] | None = None) -> int:

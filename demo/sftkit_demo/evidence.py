@@ -48,6 +48,7 @@ from sftkit.evaluate.task_eval import generate_batch
 from sftkit.generate import encode_prompt, load_for_generation, stop_ids
 from sftkit.model import load_tokenizer
 from sftkit.recipe import config_from_dict
+from sftkit_demo import distillation
 from sftkit_demo.chats import heldout_questions
 from sftkit_demo.dataset import read_jsonl, write_jsonl
 from sftkit_demo.prompting import demo_check, prompting
@@ -230,6 +231,9 @@ def run_all(setup: Setup) -> dict[str, Any]:
                    for name in ("trained", "held-out")}
     results["main"] = {"base": base_scores, "sft": {name: score(main / "final", name) for name in sets},
                        "history": metrics(main)}
+    # the seed's second source of data: a student trained only on the main model's answers to new prompts
+    results["distillation"] = distillation.run(main / "final", setup.work / "distill", setup.out / "distillation.md",
+                                               setup.base, setup.seed)
     results["prompting"] = {**prompting(setup.base, main / "final", sets["held-out"], setup.device),
                             "demo_check": demo_check(main / "final", setup.base, setup.seed, setup.device)}
     prompts = [[{"role": "user", "content": q["question"]}] for name in sets for q in sets[name][:3]]
@@ -308,6 +312,20 @@ def prompting_only(setup: Setup, sft_dir: Path) -> int:
     return 0
 
 
+def distillation_only(setup: Setup, teacher: Path) -> int:
+    """The distillation row for `teacher`, merged into the last campaign's results."""
+    from sftkit_demo.evidence_report import write_report
+
+    path = setup.out / "evidence" / "results.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    results["distillation"] = distillation.run(teacher, setup.work / "distill", setup.out / "distillation.md",
+                                               setup.base, setup.seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1))
+    print(f"report: {write_report(results, setup.out)}" if "main" in results else f"results: {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from sftkit_demo.evidence_report import write_report
 
@@ -320,12 +338,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompting-only", type=Path, metavar="SFT_DIR",
                         help="only the prompt-first row, with SFT_DIR as the fine-tuned model, merged into "
                              "OUT/evidence/results.json and the report")
+    parser.add_argument("--distillation-only", type=Path, metavar="TEACHER_DIR",
+                        help="only the distillation row, TEACHER_DIR answering new prompts, merged into the report")
     args = parser.parse_args(argv)
     setup = Setup(args.base, args.data, args.work, args.out, args.questions)
     if not (setup.base / "model.safetensors").is_file():
         raise SystemExit(f"no demo base model at {setup.base}: build it with `python demo/build_base.py`")
     if args.prompting_only:
         return prompting_only(setup, args.prompting_only)
+    if args.distillation_only:
+        return distillation_only(setup, args.distillation_only)
     start = time.perf_counter()
     results = run_all(setup)
     wall = time.perf_counter() - start

@@ -140,11 +140,26 @@ def prompt_first(r: dict[str, Any]) -> tuple[str, str, str, str] | None:
         "enough within 5 points"
 
 
+def distilled(r: dict[str, Any]) -> tuple[str, str, str, str] | None:
+    d = r.get("distillation")
+    if not d:
+        return None
+    gap = d["student_correct"] - d["teacher_correct"]
+    verdict = "supports" if gap >= -0.05 else "does not support"
+    measured = (f"held-out correct (n={d['n']}): student {pct(d['student_correct'])} vs teacher "
+                f"{pct(d['teacher_correct'])}; {d['kept']} of {d['prompts']} answers kept "
+                f"({sum(d['dropped'].values())} dropped), distilled in {d['distill_seconds']:.0f} s")
+    run = ("`sftkit data distill`: the SFT model answers new prompts; a student (same base, same recipe) "
+           "trains on those answers only ([distillation.md](distillation.md))")
+    return run, measured, verdict, "supported when the student is within 5 points of the teacher"
+
+
 CLAIMS = (("SFT makes the base model answer", answering), ("SFT teaches behaviour, not knowledge", knowledge),
           ("SFT barely changes the weights", weights), ("Loss masking (assistant only) matters", masking),
           ("High learning rate -> catastrophic forgetting", learning_rate),
           ("Too many epochs -> overfitting", epochs), ("Quality beats quantity", quality),
-          ("Prompt first, fine-tune when prompting can't", prompt_first))
+          ("Prompt first, fine-tune when prompting can't", prompt_first),
+          ("A stronger model's answers are SFT data (distillation)", distilled))
 
 
 def observations(r: dict[str, Any]) -> list[str]:
