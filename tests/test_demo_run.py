@@ -80,6 +80,7 @@ def test_full_demo_meets_the_targets(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert figures.total_seconds < 300
 
 
+@pytest.mark.slow
 def test_build_base_rebuilds_a_template_free_base_model(tmp_path: Path) -> None:
     """demo/build_base.py end to end with 3 pre-training steps: data, tokenizer, `sftkit train`, install."""
     import subprocess

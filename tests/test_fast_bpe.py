@@ -203,6 +203,7 @@ def test_qwen3_encodes_text_as_qwen2_5_does() -> None:
         assert qwen3[part] == qwen25[part]
 
 
+@pytest.mark.slow  # exhaustive; the shared-file sweep and the fuzz tests check the same engine in the default suite
 @pytest.mark.parametrize("family", ["qwen2.5", "llama3.2"])
 def test_every_unicode_code_point_gives_the_tokenizers_ids(family: str) -> None:
     tokenizer = load(family)
@@ -220,7 +221,7 @@ SHARED_SFT_FILES = sorted(
 
 @requires_shared
 @pytest.mark.shared
-@pytest.mark.parametrize("family", QUALIFY)
+@pytest.mark.parametrize("family", [QUALIFY[0], *(pytest.param(f, marks=pytest.mark.slow) for f in QUALIFY[1:])])
 def test_every_shared_instruction_file_gives_the_tokenizers_ids_and_labels(family: str) -> None:
     tokenizer = load(family)
     records = [r for path in SHARED_SFT_FILES for r in load_records(path).records]

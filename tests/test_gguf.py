@@ -69,6 +69,7 @@ def compare(model_dir: Path, gguf_file: Path, **config) -> tuple[float, list[int
     return diff, *replies
 
 
+@pytest.mark.slow  # the three families of test_round_trip_with_tokenizer, and the demo model, cover the same path
 def test_llama_round_trip_through_transformers_gguf_loader(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """The demo's base model (a real small Llama with a byte-level BPE vocabulary) with ChatML added, as a run's
     final/: logits, greedy reply, tokenizer, template and end of turn all come back from the GGUF."""

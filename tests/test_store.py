@@ -136,6 +136,7 @@ def _rank(rank: int, world: int, port: int, cache: str, out: str) -> None:
             {"rendered": len(rendered), "ids": [e.input_ids for e in train.examples]}))
 
 
+@pytest.mark.slow  # two spawned gloo processes
 def test_two_ranks_share_one_cache_and_one_renders(tmp_path: Path) -> None:
     import socket
 
