@@ -221,7 +221,8 @@ SHARED_SFT_FILES = sorted(
 
 @requires_shared
 @pytest.mark.shared
-@pytest.mark.parametrize("family", [QUALIFY[0], *(pytest.param(f, marks=pytest.mark.slow) for f in QUALIFY[1:])])
+@pytest.mark.slow  # every shared file through three tokenizers; test_fuzz and test_cli_preview's sweep stay default
+@pytest.mark.parametrize("family", QUALIFY)
 def test_every_shared_instruction_file_gives_the_tokenizers_ids_and_labels(family: str) -> None:
     tokenizer = load(family)
     records = [r for path in SHARED_SFT_FILES for r in load_records(path).records]
