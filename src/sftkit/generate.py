@@ -44,11 +44,13 @@ from sftkit.model import (
 
 @dataclass
 class Reply:
-    """A generated reply: its text (special tokens removed), its token ids, and whether it ended the turn."""
+    """A generated reply: its text (special tokens removed), its token ids, whether it ended the turn, and how
+    many tokens its prompt had."""
 
     text: str
     ids: list[int]
     stopped: bool
+    prompt_tokens: int = 0
 
 
 def load_for_generation(
@@ -84,9 +86,17 @@ def stop_ids(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, template_kwargs: dict | None = None
 ) -> list[int]:
     """EOS ids of the generation config plus the template's end-of-turn token ids."""
-    eos = model.generation_config.eos_token_id
-    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    return list(dict.fromkeys(eos + end_of_turn_token_ids(tokenizer, template_kwargs)))
+    return list(dict.fromkeys(eos_ids(model) + end_of_turn_token_ids(tokenizer, template_kwargs)))
+
+
+def eos_ids(model: PreTrainedModel) -> list[int]:
+    """The generation config's EOS ids as a list."""
+    return _ids(model.generation_config.eos_token_id)
+
+
+def _ids(eos: int | list[int] | None) -> list[int]:
+    """transformers allows None, one id or several wherever an eos_token_id goes."""
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
 
 def encode_prompt(
@@ -114,9 +124,18 @@ def generate_reply(
     template_kwargs: dict | None = None,
 ) -> Reply:
     """The assistant's next turn after `messages` (greedy when temperature == 0)."""
-    prompt = encode_prompt(tokenizer, messages, template_kwargs)
     stops = stop_ids(model, tokenizer, template_kwargs)
     config = generation_config(model, stops, pad_token_id(tokenizer, stops), max_new_tokens, temperature)
+    reply = continue_ids(model, tokenizer, encode_prompt(tokenizer, messages, template_kwargs), config, streamer)
+    reply.text = reply.text.strip()
+    return reply
+
+
+@torch.no_grad()
+def continue_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: list[int], config: Any,
+                 streamer: Any = None) -> Reply:
+    """One prompt's continuation under `config` (its eos_token_id are the stops), in eval mode; the
+    model's train/eval mode is restored afterwards, also when Ctrl-C interrupts the reply."""
     input_ids = torch.tensor([prompt], device=model.device)
     was_training = model.training
     model.eval()
@@ -124,11 +143,11 @@ def generate_reply(
         out = model.generate(
             input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config, streamer=streamer
         )
-    finally:  # also when Ctrl-C interrupts the reply
+    finally:
         model.train(was_training)
     ids = out[0, len(prompt) :].tolist()
-    stopped = bool(ids) and ids[-1] in stops
-    return Reply(tokenizer.decode(ids, skip_special_tokens=True).strip(), ids, stopped)
+    stopped = bool(ids) and ids[-1] in _ids(config.eos_token_id)
+    return Reply(tokenizer.decode(ids, skip_special_tokens=True), ids, stopped, len(prompt))
 
 
 def generation_config(model: PreTrainedModel, stops: list[int], pad_id: int, max_new_tokens: int,
@@ -182,7 +201,8 @@ def generate_replies(
                 end = next((k + 1 for k, token in enumerate(new) if token in stops), None)
                 ids = new[: min(end or len(new), limits[i])]
                 stopped = bool(ids) and ids[-1] in stops
-                replies[i] = Reply(tokenizer.decode(ids, skip_special_tokens=True).strip(), ids, stopped)
+                replies[i] = Reply(tokenizer.decode(ids, skip_special_tokens=True).strip(), ids, stopped,
+                                   len(prompts[i]))
     finally:
         model.train(was_training)
     return replies  # type: ignore[return-value]

@@ -37,7 +37,9 @@ import torch
 from sftkit.data.templates import pad_token_id
 from sftkit.generate import (
     Reply,
+    continue_ids,
     encode_prompt,
+    eos_ids,
     generate_replies,
     generation_config,
     load_for_generation,
@@ -120,16 +122,15 @@ class Engine:
                     if job.stream is not None:
                         job.stream.put(None)
 
-    def _run(self, batch: list[Job]) -> list[tuple[Reply, int]]:
+    def _run(self, batch: list[Job]) -> list[Reply]:
         first = batch[0]
         if first.stream is not None:
             return [self._stream(first)]
         if first.messages is not None:
-            replies = generate_replies(self.model, self.tokenizer, [job.messages for job in batch],
-                                       max_new_tokens=[job.max_new_tokens for job in batch],
-                                       temperature=first.temperature, top_p=first.top_p,
-                                       template_kwargs=self.template_kwargs, batch_size=len(batch))
-            return [(reply, self.prompt_tokens(job)) for job, reply in zip(batch, replies)]
+            return generate_replies(self.model, self.tokenizer, [job.messages for job in batch],
+                                    max_new_tokens=[job.max_new_tokens for job in batch],
+                                    temperature=first.temperature, top_p=first.top_p,
+                                    template_kwargs=self.template_kwargs, batch_size=len(batch))
         return [self._complete(job) for job in batch]
 
     def prompt_ids(self, job: Job) -> list[int]:
@@ -137,24 +138,14 @@ class Engine:
             return encode_prompt(self.tokenizer, job.messages, self.template_kwargs)
         return self.tokenizer(job.prompt)["input_ids"]
 
-    def prompt_tokens(self, job: Job) -> int:
-        return len(self.prompt_ids(job))
-
-    @torch.no_grad()
-    def _complete(self, job: Job, streamer: Any = None) -> tuple[Reply, int]:
+    def _complete(self, job: Job, streamer: Any = None) -> Reply:
         """One request alone: a plain-text completion, or a chat reply streamed piece by piece."""
-        prompt = self.prompt_ids(job)
-        stops = self.stops if job.messages is not None else _eos(self.model)
+        stops = self.stops if job.messages is not None else eos_ids(self.model)
         config = generation_config(self.model, stops, pad_token_id(self.tokenizer, self.stops), job.max_new_tokens,
                                    job.temperature, job.top_p)
-        input_ids = torch.tensor([prompt], device=self.model.device)
-        out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                  generation_config=config, streamer=streamer)
-        ids = out[0, len(prompt):].tolist()
-        stopped = bool(ids) and ids[-1] in stops
-        return Reply(self.tokenizer.decode(ids, skip_special_tokens=True), ids, stopped), len(prompt)
+        return continue_ids(self.model, self.tokenizer, self.prompt_ids(job), config, streamer)
 
-    def _stream(self, job: Job) -> tuple[Reply, int]:
+    def _stream(self, job: Job) -> Reply:
         assert job.stream is not None
         pieces = job.stream
 
@@ -179,11 +170,6 @@ class Engine:
             return self._complete(job, Pieces(self.tokenizer))
         finally:
             pieces.put(None)
-
-
-def _eos(model: Any) -> list[int]:
-    eos = model.generation_config.eos_token_id
-    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
 
 def _same_sampling(a: Job, b: Job) -> bool:
@@ -273,14 +259,14 @@ def create_app(model_dir: str | Path, *, model_name: str | None = None, api_key:
         kind, rid, created = ("chat.completion" if chat else "text_completion"), _id(chat), int(time.time())
         if job.stream is not None:
             return StreamingResponse(_events(job, chat, kind, rid, created, name), media_type="text/event-stream")
-        reply, prompt_tokens = await asyncio.wrap_future(job.future)
+        reply = await asyncio.wrap_future(job.future)
         choice: dict[str, Any] = {"index": 0, "finish_reason": "stop" if reply.stopped else "length"}
         if chat:
             choice["message"] = {"role": "assistant", "content": reply.text.strip()}
         else:
             choice.update(text=reply.text, logprobs=None)
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(reply.ids),
-                 "total_tokens": prompt_tokens + len(reply.ids)}
+        usage = {"prompt_tokens": reply.prompt_tokens, "completion_tokens": len(reply.ids),
+                 "total_tokens": reply.prompt_tokens + len(reply.ids)}
         return {"id": rid, "object": kind, "created": created, "model": name, "choices": [choice], "usage": usage}
 
     @app.post("/v1/chat/completions")
@@ -308,7 +294,7 @@ async def _events(job: Job, chat: bool, kind: str, rid: str, created: int, name:
         yield chunk({"role": "assistant", "content": ""}, None)
     while (piece := await asyncio.to_thread(job.stream.get)) is not None:
         yield chunk({"content": piece} if chat else piece, None)
-    reply, _ = await asyncio.wrap_future(job.future)
+    reply = await asyncio.wrap_future(job.future)
     yield chunk({} if chat else "", "stop" if reply.stopped else "length")
     yield "data: [DONE]\n\n"
 

@@ -44,7 +44,7 @@ from sftkit.evaluate.tasks import (
     shots_for,
     wilson,
 )
-from sftkit.generate import encode_prompt, stop_ids
+from sftkit.generate import encode_prompt, eos_ids, stop_ids
 
 MAX_NEW_TOKENS = 128
 BATCH_SIZE = 32
@@ -110,10 +110,8 @@ class Asker:
     def stops(self) -> list[int]:
         if self.chat:
             return stop_ids(self.model, self.tokenizer, self.template_kwargs)
-        eos = self.model.generation_config.eos_token_id
-        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        return list(dict.fromkeys(eos + ([self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None
-                                         else [])))
+        own = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        return list(dict.fromkeys(eos_ids(self.model) + own))
 
 
 @torch.no_grad()
