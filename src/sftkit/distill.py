@@ -75,11 +75,14 @@ def distill(teacher: Teacher, prompts_file: str | Path, out: str | Path, *, n: i
     out = Path(out)
     dropped_file = out.with_name(out.name + ".dropped.jsonl")
     prompts = read_prompts(prompts_file)
-    done = _keys(out) | _keys(dropped_file)
-    report = DistillReport(already=len(_keys(out)))
+    kept_before = _rows(out)  # each file read once: what an interrupted run wrote
+    done = {str(row.get("key")) for row in [*kept_before, *_rows(dropped_file)]}
+    report = DistillReport(already=len(kept_before))
     todo = [(i, j) for i in range(len(prompts)) for j in range(n) if f"{i}:{j}" not in done]
     refusals = compile_patterns(refusals=True) if drop_refusals else []
-    seen = _replies_by_prompt(out) if dedupe else {}
+    seen: dict[int, set[str]] = {}
+    for row in kept_before if dedupe else []:
+        seen.setdefault(int(str(row["key"]).split(":")[0]), set()).add(row["messages"][-1]["content"])
     ask = _remote(teacher) if teacher.remote else _local(teacher)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("a", encoding="utf-8") as kept, dropped_file.open("a", encoding="utf-8") as gone, \
@@ -136,17 +139,6 @@ def _rows(path: Path) -> list[dict[str, Any]]:
             raise DataError(f"{path}:{number}", "not JSON: this file was not written by sftkit data distill",
                             hint="give --out a new file") from None
     return rows
-
-
-def _keys(path: Path) -> set[str]:
-    return {str(row.get("key")) for row in _rows(path)}
-
-
-def _replies_by_prompt(path: Path) -> dict[int, set[str]]:
-    seen: dict[int, set[str]] = {}
-    for row in _rows(path):
-        seen.setdefault(int(str(row["key"]).split(":")[0]), set()).add(row["messages"][-1]["content"])
-    return seen
 
 
 Work = list[tuple[tuple[int, int], list[dict[str, Any]]]]
