@@ -13,16 +13,19 @@ left alone) or `train.resume=true`, which must name the same run (the same confi
 
 from __future__ import annotations
 
-import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from sftkit.checkpoint import metrics_upto
 from sftkit.config import CONFIG_FILE, Config, ConfigError
 from sftkit.faults import STOPPED_FILE
-RUN_FILES = (CONFIG_FILE, "metrics.jsonl", "tb", "loss.png", "checkpoints", "final", "best", STOPPED_FILE,
+from sftkit.runlog import METRICS_FILE
+
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, "tb", "loss.png", "checkpoints", "final", "best", STOPPED_FILE,
              "report.html", "trackio", "mlflow", "wandb")
 # keys a resumed run may change: they decide where and how it runs, not what it trains
 RESUMABLE = {
@@ -81,16 +84,9 @@ def prepare(config: Config, overwrite: bool = False, is_main: bool = True) -> Pa
 
 
 def last_step(out: Path) -> int:
-    """The last optimizer step the run in `out` logged (0 when it logged none)."""
-    metrics = out / "metrics.jsonl"
-    steps = [0]
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            try:
-                steps.append(int(json.loads(line).get("step", 0)))
-            except (ValueError, AttributeError, TypeError):
-                continue  # a torn last line of a killed run
-    return max(steps)
+    """The last optimizer step the run in `out` logged (0 when it logged none; a torn last line is skipped)."""
+    metrics = out / METRICS_FILE
+    return max((row["step"] for row in metrics_upto(metrics, sys.maxsize)), default=0) if metrics.is_file() else 0
 
 
 def config_changes(out: Path, config: Config) -> list[str]:

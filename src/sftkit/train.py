@@ -78,12 +78,12 @@ def setup_data(config: Config, tokenizer: PreTrainedTokenizerBase, dist: distrib
                ) -> tuple[Split, Split]:
     """(train, eval) examples: `sftkit.data.load`, the same entry `sftkit data preview` uses. Under torchrun
     rank 0 renders into the token cache first; the other ranks then map the same files."""
-    if dist.world > 1 and config.data.cache and not dist.is_main:
-        dist.barrier()  # rank 0 is rendering
-        return load_data(config.data, tokenizer, config.train.seed)
+    rank_0_first = dist.world > 1 and config.data.cache
+    if rank_0_first and not dist.is_main:
+        dist.barrier()  # wait while rank 0 renders into the cache
     splits = load_data(config.data, tokenizer, config.train.seed)
-    if dist.world > 1 and config.data.cache:
-        dist.barrier()
+    if rank_0_first and dist.is_main:
+        dist.barrier()  # the cache is written: the other ranks map it
     return splits
 
 

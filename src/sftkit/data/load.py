@@ -53,10 +53,7 @@ class Split:
 
     def left_out(self) -> Counter[str]:
         """Reason -> count for records skipped while reading or rendering, and examples dropped."""
-        reasons: Counter[str] = Counter(self.stored["read_left_out"] if self.stored else {})
-        for load in self.loads:
-            reasons.update({f"invalid ({kind})": n for kind, n in load.skipped.items()})
-            reasons.update({f"dropped ({kind})": n for kind, n in load.dropped.items()})
+        reasons = Counter(self.stored["read_left_out"]) if self.stored else read_left_out(self.loads)
         reasons.update({f"invalid ({kind})": n for kind, n in self.report.skipped.items()})
         reasons.update({f"dropped ({kind})": n for kind, n in self.report.dropped.items()})
         return reasons
@@ -86,6 +83,15 @@ class Split:
         return [f"max_length cuts {cut} of {rendered} examples ({cut / rendered:.0%}) and drops {dropped} "
                 f"({dropped / rendered:.0%}) whose trained tokens all lie beyond it: raise data.max_length, or "
                 "look at the lengths with `sftkit data inspect FILE --tokenizer DIR --max-length N`"]
+
+
+def read_left_out(loads: Sequence[LoadReport]) -> Counter[str]:
+    """Reason -> count for the records reading skipped (invalid) or dropped (on purpose)."""
+    reasons: Counter[str] = Counter()
+    for load in loads:
+        reasons.update({f"invalid ({kind})": n for kind, n in load.skipped.items()})
+        reasons.update({f"dropped ({kind})": n for kind, n in load.dropped.items()})
+    return reasons
 
 
 def read_files(paths: Sequence[str | Path], config: DataConfig) -> tuple[list[Record], list[LoadReport]]:
@@ -149,14 +155,10 @@ def load_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
 
 def _store_split(split: Split, directory: Path) -> Split:
     """`split` written to the cache, and mapped back: its records and in-memory examples are let go."""
-    left_out: Counter[str] = Counter()
-    for load in split.loads:
-        left_out.update({f"invalid ({kind})": n for kind, n in load.skipped.items()})
-        left_out.update({f"dropped ({kind})": n for kind, n in load.dropped.items()})
     report = split.report
     meta = {"dropped": dict(report.dropped), "warnings": dict(report.warnings), "skipped": dict(report.skipped),
             "turns": report.turns, "repeated_tokens": report.repeated_tokens,
-            "read_left_out": dict(left_out), "prompts": split.prompts, "dir": str(directory),
+            "read_left_out": dict(read_left_out(split.loads)), "prompts": split.prompts, "dir": str(directory),
             "read_lines": [load.summary() for load in split.loads] + ([split.mixing] if split.mixing else [])}
     return _stored_split(store.write(directory, report.examples, meta), meta)
 

@@ -90,10 +90,8 @@ class StoredExamples(Sequence[Tokenized]):
 
     def __init__(self, directory: Path) -> None:
         self.dir = directory
-        self.ids = np.memmap(directory / "ids.bin", dtype=np.int32, mode="r") if (directory / "ids.bin").stat().st_size \
-            else np.zeros(0, np.int32)
-        self.trained = np.memmap(directory / "trained.bin", dtype=np.uint8, mode="r") \
-            if (directory / "trained.bin").stat().st_size else np.zeros(0, np.uint8)
+        self.ids = _mapped(directory / "ids.bin", np.int32)
+        self.trained = _mapped(directory / "trained.bin", np.uint8)
         self.offsets = np.load(directory / "offsets.npy", mmap_mode="r")
         self._sources: list[str] | None = None
 
@@ -131,6 +129,11 @@ class StoredExamples(Sequence[Tokenized]):
     @property
     def total_tokens(self) -> int:
         return int(self.offsets[-1])
+
+
+def _mapped(path: Path, dtype: type) -> np.ndarray:
+    """The file as a read-only array (numpy cannot map an empty file: a split with no tokens)."""
+    return np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype)
 
 
 def write(directory: Path, examples: Sequence[Tokenized], meta: dict[str, Any]) -> StoredExamples:
