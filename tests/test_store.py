@@ -31,15 +31,15 @@ def tokenizer():
 
 @pytest.fixture()
 def renders(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """How many times `load_data` rendered (a miss) instead of mapping the cache (a hit)."""
+    """How many times `load_data` rendered into the cache (a miss) instead of mapping it (a hit)."""
     calls: list[int] = []
-    real = load_module.render_data
+    real = load_module.stream_data
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(load_module, "render_data", counting)
+    monkeypatch.setattr(load_module, "stream_data", counting)
     return calls
 
 
@@ -57,7 +57,7 @@ def test_a_hit_maps_exactly_what_a_miss_rendered(tmp_path: Path, tokenizer, rend
     plain = load_data(config(tmp_path, cache=False), tokenizer, seed=0)
     first = load_data(config(tmp_path), tokenizer, seed=0)
     second = load_data(config(tmp_path), tokenizer, seed=0)
-    assert len(renders) == 2  # the uncached load and the first cached one; the second is a hit
+    assert len(renders) == 1  # the first cached load; the second is a hit
     for split in range(2):
         assert same(plain[split], first[split]) and same(plain[split], second[split])
         assert isinstance(second[split].examples, store.StoredExamples)
@@ -112,7 +112,7 @@ def test_damaged_stores_are_rendered_again_never_trusted(tmp_path: Path, tokeniz
         shutil.rmtree(directory)
         (tmp_path / "cache" / f".{directory.name}.x").mkdir()
     again = load_data(config(tmp_path), tokenizer, seed=0)
-    assert len(renders) == 3 and same(expected[0], again[0])
+    assert len(renders) == 2 and same(expected[0], again[0])
     assert store.read(directory) is not None  # rewritten whole
 
 
@@ -125,8 +125,8 @@ def _rank(rank: int, world: int, port: int, cache: str, out: str) -> None:
     from sftkit.train import setup_data
 
     rendered = []
-    real = load.render_data
-    load.render_data = lambda *a, **k: rendered.append(1) or real(*a, **k)
+    real = load.stream_data
+    load.stream_data = lambda *a, **k: rendered.append(1) or real(*a, **k)
     tok = AutoTokenizer.from_pretrained(tokenizer_dir("qwen2.5"))
     prepare_tokenizer(tok)
     run = Config(ModelConfig(path="unused"), DataConfig(train=[str(CHATS)], cache_dir=cache), TrainConfig(device="cpu"))

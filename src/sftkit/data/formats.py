@@ -57,7 +57,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,7 +79,7 @@ from sftkit.data.messages import DataError, DataFileError, Message, Problems, Ra
 from sftkit.config import ConfigError
 from sftkit.data.sources import Row, read_paths
 
-__all__ = ["FORMATS", "DataFileError", "LoadReport", "detect_format", "load_records"]
+__all__ = ["FORMATS", "DataFileError", "LoadReport", "detect_format", "load_records", "stream_records"]
 
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text", "oasst", "self_instruct",
            "dolly", "question_answer", "mt_bench", "deepseek_columns")
@@ -109,6 +109,7 @@ class LoadReport:
     format: str  # the detected / used format name
     path: str
     dropped: Counter[str] = field(default_factory=Counter)  # removed on purpose, not errors
+    read: int = 0  # records read (`records` stays empty when they are streamed: `stream_records`)
 
     @property
     def skipped(self) -> Counter[str]:
@@ -120,7 +121,7 @@ class LoadReport:
 
     def summary(self) -> str:
         """One line for people, e.g. "x.jsonl (messages): 9 records; skipped invalid: 1 bad JSON"."""
-        text = f"{self.path} ({self.format}): {len(self.records)} records"
+        text = f"{self.path} ({self.format}): {self.read} records"
         for label, counts in (("skipped invalid", self.skipped), ("dropped", self.dropped)):
             if counts:
                 text += f"; {label}: " + ", ".join(f"{n} {kind}" for kind, n in counts.most_common())
@@ -139,6 +140,16 @@ def load_records(path: str | Path, *, format: str = "auto", columns: dict[str, s
     them (or at the end of the file, if fewer). on_error="skip": skip them, count them by kind in
     `skipped` and keep the first `max_errors` in `errors`.
     """
+    report, records = stream_records(path, format=format, columns=columns, on_error=on_error, max_errors=max_errors)
+    report.records.extend(records)
+    return report
+
+
+def stream_records(path: str | Path, *, format: str = "auto", columns: dict[str, str] | None = None,
+                   on_error: str = "raise", max_errors: int = 5) -> tuple[LoadReport, Iterator[Record]]:
+    """`load_records` one record at a time, for files too big to hold: the report (its `records` left
+    empty; `read`, skips and drops counted as the iterator goes) and the records, read as they are
+    asked for. Errors are raised where `load_records` raises them; a bad `format` at once."""
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
     if format != "auto" and format not in FORMATS:  # a user's typo: one message, before any file is read
@@ -147,8 +158,11 @@ def load_records(path: str | Path, *, format: str = "auto", columns: dict[str, s
                           + (f" — did you mean {close[0]!r}?" if close else "")
                           + f" (one of auto, {', '.join(FORMATS)})")
     report = LoadReport([], Problems(on_error == "skip", max_errors), format, str(path))
+    return report, _records(path, report, format, dict(columns or {}))
+
+
+def _records(path: str | Path, report: LoadReport, format: str, renames: dict[str, str]) -> Iterator[Record]:
     adapt: Adapter | None = None
-    renames = dict(columns or {})
     rows = 0
     for source, row in read_paths(path):
         rows += 1
@@ -162,15 +176,17 @@ def load_records(path: str | Path, *, format: str = "auto", columns: dict[str, s
             if isinstance(row, DataError):
                 raise row
             assert adapt is not None
-            report.records.extend(adapt(_rename(row, renames), source, report.dropped))
+            records = adapt(_rename(row, renames), source, report.dropped)
         except DataError as err:
             report.problems.add(_in_file_terms(err, renames))
             if report.problems.full:
                 report.problems.raise_if_any(str(path), rows, stopped=True)
+            continue
+        report.read += len(records)
+        yield from records
     if rows == 0:
         raise DataError(str(path), "no records: the file holds no rows")
     report.problems.raise_if_any(str(path), rows)
-    return report
 
 
 def detect_format(row: Mapping[str, Any], source: str = "<row>") -> str:

@@ -9,6 +9,10 @@ together in one order: every file is read (invalid records raise or are counted)
 fraction is held out BEFORE mixing (an upsampled copy never lands on both sides), the
 `{path, weight|samples}` entries of `data.train` are applied, and both splits are rendered with one
 `Renderer` (template, template_kwargs, strategy, max_length of the config).
+
+With the token cache on (`data.cache`, the default) a hit maps the stored splits; a miss follows the
+same order record by record, straight into the store (`stream_data`, `sftkit.data.stream`), so that
+memory does not grow with the data. `render_data` holds everything in memory (`data.cache=false`).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from sftkit.config import ConfigError, DataConfig
-from sftkit.data import store
+from sftkit.data import store, stream
 from sftkit.data.formats import LoadReport, load_records
 from sftkit.data.messages import Conversation, DataError, Problems, Record
 from sftkit.data.mixing import mix_with_report
@@ -106,15 +110,25 @@ def read_files(paths: Sequence[str | Path], config: DataConfig) -> tuple[list[Re
     return records, loads
 
 
+def held_out(count: int, fraction: float, seed: int) -> np.ndarray:
+    """Which of `count` records (bool each) the eval split holds out: a seeded random `fraction`, at
+    least one; the rule of both the in-memory and the streamed render."""
+    held = np.zeros(count, dtype=bool)
+    if not fraction:
+        return held
+    n_eval = max(1, round(fraction * count))
+    if n_eval >= count:
+        raise ConfigError(f"data.eval_fraction: {fraction} of {count} records leaves nothing to train on")
+    held[np.random.default_rng([seed, 1]).permutation(count)[:n_eval]] = True
+    return held
+
+
 def hold_out(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
     """(train, eval): a seeded random `fraction` of the records (at least one) becomes eval."""
     if not fraction:
         return records, []
-    n_eval = max(1, round(fraction * len(records)))
-    if n_eval >= len(records):
-        raise ConfigError(f"data.eval_fraction: {fraction} of {len(records)} records leaves nothing to train on")
-    held = set(np.random.default_rng([seed, 1]).permutation(len(records))[:n_eval].tolist())
-    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
+    held = held_out(len(records), fraction, seed)
+    return [r for r, h in zip(records, held) if not h], [r for r, h in zip(records, held) if h]
 
 
 def mix_sources(train_records: list[Record], eval_records: list[Record], loads: list[LoadReport],
@@ -149,18 +163,52 @@ def load_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int,
     found = {name: store.read(directory) for name, directory in where.items()}
     if all(found.values()):
         return tuple(_stored_split(*found[name]) for name in ("train", "eval"))  # type: ignore[return-value,misc]
-    splits = render_data(config, tokenizer, seed, progress)
-    return tuple(_store_split(split, where[name]) for name, split in zip(("train", "eval"), splits))  # type: ignore
+    return stream_data(config, tokenizer, seed, where, progress)
 
 
-def _store_split(split: Split, directory: Path) -> Split:
-    """`split` written to the cache, and mapped back: its records and in-memory examples are let go."""
+def stream_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, where: dict[str, Path],
+                progress: bool | None = None) -> tuple[Split, Split]:
+    """`render_data` written straight into the token cache stores `where` names, one chunk of records at a
+    time (`sftkit.data.stream`): the same splits and counters, in memory that does not grow with the data.
+    Nothing is stored unless both splits render whole."""
+    paths = [source.path for source in config.sources()]
+    loads, chat = stream.count_records(paths, config)
+    count = sum(load.read for load in loads)
+    plan = stream.Plan.make([load.read for load in loads], held_out(count, config.eval_fraction, seed),
+                            config.sources(), seed)
+    eval_loads: list[LoadReport] = stream.count_records([config.eval], config)[0] if config.eval else []
+    _check_template(chat, tokenizer)
+    renderer = renderer_for(config, tokenizer)
+    render = _render_options(config, count, progress)
+    first_kept: list[str | None] = [None] * len(paths)
+    with store.Writer(where["train"]) as train_out, store.Writer(where["eval"]) as eval_out:
+        train, train_head = stream.render_into(
+            train_out, stream.planned_records(paths, config, plan.copies, first_kept, plan.held),
+            int(plan.copies.sum()), renderer, where="data.train", **render)
+        if config.eval:
+            eval_count = eval_loads[0].read
+            eval_records = stream.planned_records([config.eval], config, np.ones(eval_count, dtype=np.int32))
+        else:
+            eval_count = int(plan.held.sum())
+            eval_records = stream.planned_records(paths, config, plan.held.astype(np.int32))
+        evaluation, eval_head = stream.render_into(eval_out, eval_records, eval_count, renderer, where="data.eval",
+                                                   **render)
+        if not len(train_out):
+            raise _nothing_to_train(Split([], train, loads), paths)
+        return (_store_split(Split(train_head, train, loads, plan.mixing(first_kept)), train_out),
+                _store_split(Split(eval_head, evaluation, eval_loads), eval_out))
+
+
+def _store_split(split: Split, out: store.Writer) -> Split:
+    """`split`'s record (its counters, first prompts, what reading said) committed with its examples, and
+    the store mapped back."""
     report = split.report
     meta = {"dropped": dict(report.dropped), "warnings": dict(report.warnings), "skipped": dict(report.skipped),
             "turns": report.turns, "repeated_tokens": report.repeated_tokens,
-            "read_left_out": dict(read_left_out(split.loads)), "prompts": split.prompts, "dir": str(directory),
+            "read_left_out": dict(read_left_out(split.loads)), "prompts": split.prompts,
+            "dir": str(out.directory),
             "read_lines": [load.summary() for load in split.loads] + ([split.mixing] if split.mixing else [])}
-    return _stored_split(store.write(directory, report.examples, meta), meta)
+    return _stored_split(out.commit(meta), meta)
 
 
 def _stored_split(examples: store.StoredExamples, meta: dict[str, Any]) -> Split:
@@ -180,19 +228,31 @@ def render_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: in
     eval_loads: list[LoadReport] = []
     if config.eval:
         eval_records, eval_loads = read_files([config.eval], config)
-    chat = next((r for r in records if isinstance(r, Conversation)), None)
-    if chat is not None and not tokenizer.chat_template:  # said once, not once per record
-        raise TemplateError(f"{chat.source} is a conversation, and the {missing_template_message(tokenizer)}")
+    _check_template(next((r for r in records if isinstance(r, Conversation)), None), tokenizer)
     renderer = renderer_for(config, tokenizer)
-    render = {"on_error": "skip" if config.skip_invalid else "raise", "num_proc": config.num_proc,
-              "progress": len(records) > PROGRESS_ABOVE if progress is None else progress}
+    render = _render_options(config, len(records), progress)
     train = Split(train_records, render_records(train_records, renderer, where="data.train", **render), loads,
                   mixing)
     evaluation = Split(eval_records, render_records(eval_records, renderer, where="data.eval", **render), eval_loads)
     if not train.examples:
-        reasons = dict(train.left_out()) or "no records"
-        raise DataError(", ".join(paths), f"no usable training examples ({reasons})", "data.train")
+        raise _nothing_to_train(train, paths)
     return train, evaluation
+
+
+def _check_template(chat: Conversation | None, tokenizer: PreTrainedTokenizerBase) -> None:
+    """A conversation (the first met) needs a chat template: said once, not once per record."""
+    if chat is not None and not tokenizer.chat_template:
+        raise TemplateError(f"{chat.source} is a conversation, and the {missing_template_message(tokenizer)}")
+
+
+def _render_options(config: DataConfig, records: int, progress: bool | None) -> dict[str, Any]:
+    return {"on_error": "skip" if config.skip_invalid else "raise", "num_proc": config.num_proc,
+            "progress": records > PROGRESS_ABOVE if progress is None else progress}
+
+
+def _nothing_to_train(train: Split, paths: Sequence[str]) -> DataError:
+    reasons = dict(train.left_out()) or "no records"
+    return DataError(", ".join(paths), f"no usable training examples ({reasons})", "data.train")
 
 
 def dated_template_note(tokenizer: PreTrainedTokenizerBase, config: DataConfig) -> str | None:

@@ -90,14 +90,22 @@ def pick(size: int, count: int, rng: np.random.Generator) -> list[int]:
     return np.sort(chosen, kind="stable").tolist()
 
 
+def picks(sizes: Sequence[int], specs: Sequence[Source], seed: int) -> list[list[int]]:
+    """Each source's chosen indices (`pick`), from its own generator seeded by (seed, position): the
+    one rule both the in-memory mix and the streamed render (`sftkit.data.stream`) follow."""
+    return [pick(size, count(spec, size), np.random.default_rng([seed, position]))
+            for position, (size, spec) in enumerate(zip(sizes, specs))]
+
+
 def mix_with_report(sources: Sequence[tuple[list[Record], Source]], seed: int) -> tuple[list[Record], MixReport]:
     """The mixed records (see the module docstring) and how many each source gave."""
+    chosen_lists = picks([len(records) for records, _ in sources], [spec for _, spec in sources], seed)
     mixed: list[Record] = []
     counts = []
-    for position, (records, spec) in enumerate(sources):
-        chosen = pick(len(records), count(spec, len(records)), np.random.default_rng([seed, position]))
+    for position, ((records, _), chosen) in enumerate(zip(sources, chosen_lists)):
         mixed.extend(records[i] for i in chosen)
-        counts.append(SourceCount(_name(records, position), len(records), len(chosen), len(set(chosen))))
+        first = records[0].source if records else None
+        counts.append(SourceCount(source_name(first, position), len(records), len(chosen), len(set(chosen))))
     return mixed, MixReport(counts)
 
 
@@ -106,8 +114,8 @@ def mix(sources: Sequence[tuple[list[Record], Source]], seed: int) -> list[Recor
     return mix_with_report(sources, seed)[0]
 
 
-def _name(records: list[Record], position: int) -> str:
-    """The file a source's records came from ("a.jsonl" of "a.jsonl:12"), else its position."""
-    if records and ":" in records[0].source:
-        return records[0].source.rpartition(":")[0]
+def source_name(first_source: str | None, position: int) -> str:
+    """The file a source's records came from ("a.jsonl" of its first record's "a.jsonl:12"), else its position."""
+    if first_source and ":" in first_source:
+        return first_source.rpartition(":")[0]
     return f"source {position}"

@@ -1,6 +1,7 @@
 """A whole dataset through the renderer: in order, in worker processes when asked, with a report.
 
     render_records(records, Renderer(tokenizer), num_proc=4)   # -> RenderReport
+    for examples in render_stream(chunks, renderer, report): ...   # chunk by chunk, for data beyond memory
 
 Invalid records raise one `DataFileError` listing the first few, or are skipped and counted (the
 `Problems` rule reading uses too); examples whose trained tokens all fall beyond `max_length` are
@@ -17,9 +18,10 @@ from __future__ import annotations
 import gc
 import multiprocessing as mp
 from array import array
-from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from tqdm import tqdm
 
@@ -127,6 +129,22 @@ def render_records(
     return report
 
 
+def render_stream(chunks: Iterable[Sequence[Record]], renderer: Renderer, report: RenderReport, *,
+                  num_proc: int = 1, bar: tqdm | None = None) -> Iterator[list[Tokenized]]:
+    """Each chunk's examples, in order, as soon as it is rendered: `render_records` for data that does
+    not fit in memory (`sftkit.data.stream`). Drops, warnings and invalid records are counted into
+    `report`, which keeps no examples; the caller raises `report.problems` at the end, knowing the
+    count. With `num_proc` > 1 each chunk is pickled to a worker, a few per worker in flight."""
+    rendered = (_pool_stream(chunks, renderer, num_proc) if num_proc > 1
+                else ((len(chunk), *_render_counted(renderer, chunk)) for chunk in chunks))
+    for size, results, warnings, tally in rendered:
+        _collect(report, results, warnings, tally)
+        examples, report.examples = report.examples, []
+        if bar is not None:
+            bar.update(size)
+        yield examples
+
+
 def _sizes(count: int) -> Iterator[int]:
     """Records per chunk, in order (the bar counts records: one may give several examples under per_turn)."""
     for start in range(0, count, _CHUNK):
@@ -184,6 +202,9 @@ class PackedChunk:
             packed.sources.append(item.source)
         return packed
 
+    def unpack_counted(self) -> tuple[list[Tokenized | DataError], Counter[str], Counter[str]]:
+        return self.unpack(), self.warnings, self.tally
+
     def unpack(self) -> list[Tokenized | DataError]:
         ids, labels = self.input_ids.tolist(), self.labels.tolist()
         examples = iter(zip(self.lengths, self.sources))
@@ -231,4 +252,29 @@ def render_in_pool(
     finally:
         if collecting:
             gc.enable()
+        gc.unfreeze()
+
+
+def _render_chunk(chunk: Sequence[Record]) -> PackedChunk:
+    assert _renderer is not None
+    return PackedChunk.pack(*_render_counted(_renderer, chunk))
+
+
+def _pool_stream(chunks: Iterable[Sequence[Record]], renderer: Renderer, num_proc: int
+                 ) -> Iterator[tuple[int, list[Tokenized | DataError], Counter[str], Counter[str]]]:
+    """`render_in_pool` for chunks that come one by one: sent as they are read, results in order. Not
+    `pool.imap`: its feeder thread would read the whole input ahead, into memory."""
+    in_flight: deque[tuple[int, Any]] = deque()
+    gc.freeze()  # the forked workers leave the parent's objects unwritten (see render_in_pool)
+    try:
+        with mp.get_context("fork").Pool(num_proc, initializer=_init, initargs=(renderer, ())) as pool:
+            for chunk in chunks:
+                in_flight.append((len(chunk), pool.apply_async(_render_chunk, (list(chunk),))))
+                if len(in_flight) >= 2 * num_proc:
+                    size, result = in_flight.popleft()
+                    yield size, *result.get().unpack_counted()
+            while in_flight:
+                size, result = in_flight.popleft()
+                yield size, *result.get().unpack_counted()
+    finally:
         gc.unfreeze()

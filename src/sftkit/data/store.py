@@ -7,8 +7,9 @@
 One split is a directory holding `ids.bin` (int32 token ids, all examples end to end), `trained.bin`
 (uint8, 1 where the token carries loss: a label is its token or -100), `offsets.npy` (int64, n+1),
 `sources.txt` (one `file:line` per example) and `meta.json` (what rendering counted, a few sample
-prompts, sizes). It is written into a temporary directory, fsynced and renamed, so a killed render
-leaves no store; a store whose files do not match `meta.json` is treated as a miss and rewritten.
+prompts, sizes). It is written as rendering goes (`Writer`: chunk by chunk, `sftkit.data.stream`)
+into a temporary directory, fsynced and renamed, so a killed render leaves no store; a store whose
+files do not match `meta.json` is treated as a miss and rewritten.
 
 The key is a hash of everything that changes the tokens: every data file's contents, the tokenizer
 (its full serialisation, added tokens and chat template), the whole data config but the keys that
@@ -28,6 +29,7 @@ import json
 import os
 import shutil
 import tempfile
+from array import array
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
@@ -93,7 +95,8 @@ class StoredExamples(Sequence[Tokenized]):
         self.ids = _mapped(directory / "ids.bin", np.int32)
         self.trained = _mapped(directory / "trained.bin", np.uint8)
         self.offsets = np.load(directory / "offsets.npy", mmap_mode="r")
-        self._sources: list[str] | None = None
+        self._text = _mapped(directory / "sources.txt", np.uint8)
+        self._starts: np.ndarray | None = None  # where each example's source begins in sources.txt
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -107,16 +110,18 @@ class StoredExamples(Sequence[Tokenized]):
         start, end = int(self.offsets[index]), int(self.offsets[index + 1])
         ids = self.ids[start:end]
         labels = np.where(self.trained[start:end] == 1, ids, IGNORE_INDEX)
-        return Tokenized(ids.tolist(), labels.tolist(), self.sources[index])
+        return Tokenized(ids.tolist(), labels.tolist(), self.source(index))
 
     def __iter__(self) -> Iterator[Tokenized]:
         return (self[i] for i in range(len(self)))
 
-    @property
-    def sources(self) -> list[str]:
-        if self._sources is None:
-            self._sources = (self.dir / "sources.txt").read_text(encoding="utf-8").split("\n")[:len(self)]
-        return self._sources
+    def source(self, index: int) -> str:
+        """The `file:line` of example `index`, read from the mapped sources.txt: a list of a million
+        strings would cost ~100 MB, the line starts 8 bytes an example."""
+        if self._starts is None:
+            breaks = np.flatnonzero(self._text == ord("\n"))
+            self._starts = np.concatenate([[0], breaks + 1, [len(self._text) + 1]])
+        return bytes(self._text[self._starts[index]:self._starts[index + 1] - 1]).decode("utf-8")
 
     @property
     def lengths(self) -> np.ndarray:
@@ -136,33 +141,63 @@ def _mapped(path: Path, dtype: type) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype)
 
 
-def write(directory: Path, examples: Sequence[Tokenized], meta: dict[str, Any]) -> StoredExamples:
-    """Write `examples` as a store at `directory`, atomically (temporary directory, fsync, rename)."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        lengths = np.fromiter((len(e.input_ids) for e in examples), dtype=np.int64, count=len(examples))
-        offsets = np.zeros(len(examples) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        with (tmp / "ids.bin").open("wb") as ids, (tmp / "trained.bin").open("wb") as trained:
-            for example in examples:  # one example at a time: no second copy of the dataset in memory
-                row = np.asarray(example.input_ids, dtype=np.int32)
-                ids.write(row.tobytes())
-                trained.write((np.asarray(example.labels) != IGNORE_INDEX).astype(np.uint8).tobytes())
-        np.save(tmp / "offsets.npy", offsets)
-        (tmp / "sources.txt").write_text("\n".join(e.source.replace("\n", " ") for e in examples), encoding="utf-8")
-        meta = {**meta, "examples": len(examples), "tokens": int(offsets[-1]), "version": RENDER_VERSION}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+class Writer:
+    """A store written as examples come (chunk by chunk, so no point holds the whole split), into a
+    temporary directory that only `commit` renames to `directory`. Leaving the `with` block without a
+    commit (an exception, a kill) removes it: a store that exists was written whole.
+
+        with Writer(directory) as writer:
+            for chunk in chunks:
+                writer.add(chunk)
+            stored = writer.commit(meta)
+    """
+
+    def __init__(self, directory: Path) -> None:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        self.lengths = array("q")  # 8 bytes per example: the offsets, written at commit
+        self._files = [(self.tmp / name).open("wb") for name in ("ids.bin", "trained.bin", "sources.txt")]
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for f in self._files:
+            f.close()
+        if self.tmp.exists():  # not committed
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def add(self, examples: Sequence[Tokenized]) -> None:
+        """Append `examples` (one at a time: no second copy of them in memory)."""
+        ids, trained, sources = self._files
+        for example in examples:
+            row = np.asarray(example.input_ids, dtype=np.int32)
+            mask = (np.asarray(example.labels) != IGNORE_INDEX).astype(np.uint8)
+            ids.write(row.tobytes())
+            trained.write(mask.tobytes())
+            sources.write((("\n" if self.lengths else "") + example.source.replace("\n", " ")).encode("utf-8"))
+            self.lengths.append(len(row))
+
+    def commit(self, meta: dict[str, Any]) -> StoredExamples:
+        """Finish the files, fsync them and rename the directory into place; the store, mapped."""
+        for f in self._files:
+            f.close()
+        offsets = np.zeros(len(self.lengths) + 1, dtype=np.int64)
+        np.cumsum(np.frombuffer(self.lengths, dtype=np.int64), out=offsets[1:])
+        np.save(self.tmp / "offsets.npy", offsets)
+        meta = {**meta, "examples": len(self.lengths), "tokens": int(offsets[-1]), "version": RENDER_VERSION}
+        (self.tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         for name in FILES:
-            with (tmp / name).open("rb") as f:
+            with (self.tmp / name).open("rb") as f:
                 os.fsync(f.fileno())
-        if directory.exists():  # a damaged store of the same key: replaced
-            shutil.rmtree(directory)
-        tmp.rename(directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return StoredExamples(directory)
+        if self.directory.exists():  # a damaged store of the same key: replaced
+            shutil.rmtree(self.directory)
+        self.tmp.rename(self.directory)
+        return StoredExamples(self.directory)
 
 
 def read(directory: Path) -> tuple[StoredExamples, dict[str, Any]] | None:
