@@ -1,10 +1,11 @@
 """Data at scale: render time, peak memory and disk per token, first run vs a token-cache hit, vs TRL/datasets.
 
     .venv/bin/python bench/data_scale.py                      # 20k and 100k conversations
-    .venv/bin/python bench/data_scale.py --sizes 20000 100000 400000 1000000
+    .venv/bin/python bench/data_scale.py --sizes 20000 100000 400000 1000000 --trl-sizes 20000 100000
 
 The conversations are the shared instruction sets in `messages` form, repeated with a unique prefix
-per row ("[row N] ...") so no two are equal. Each measurement runs in its own process: sftkit's `load_data` with an empty cache (render + write the store), the
+per row ("[row N] ...") so no two are equal. Each measurement runs in its own process: sftkit's
+`load_data` with an empty cache (a streamed render: read, render and write the store a chunk at a time), the
 same call again (a cache hit: what a second `sftkit train` does before its first step), and TRL's
 `SFTTrainer` data preparation (`load_dataset("json")` + `_prepare_dataset`, its Arrow cache on) on
 the same file. Peak RSS is each child's own `ru_maxrss`. Qwen2.5's tokenizer, assistant-only masks, max_length 2048.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -108,6 +110,8 @@ def main() -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[20000, 100000])
     parser.add_argument("--num-proc", type=int, default=1)
     parser.add_argument("--no-trl", action="store_true")
+    parser.add_argument("--trl-sizes", type=int, nargs="+", default=None,
+                        help="run TRL only at these sizes (it takes ~80 min at 1M on 2 cores); default: every size")
     args = parser.parse_args()
     base = conversations()
     rows = []
@@ -119,22 +123,30 @@ def main() -> int:
             first = measure("sftkit", data, cache, args.num_proc)
             second = measure("sftkit", data, cache, args.num_proc)
             store_bytes = sum(f.stat().st_size for f in cache.rglob("*.bin"))
-            trl = {} if args.no_trl else measure("trl", data, Path(tmp) / f"hf-{size}", args.num_proc)
+            run_trl = not args.no_trl and (args.trl_sizes is None or size in args.trl_sizes)
+            trl = measure("trl", data, Path(tmp) / f"hf-{size}", args.num_proc) if run_trl else {}
             rows.append((size, first, second, store_bytes, trl))
-            print(size, first, second, store_bytes, trl, flush=True)
+            print(size, first, second, store_bytes, trl, f"load {os.getloadavg()[0]:.1f}", flush=True)
+            data.unlink()  # a size's files go before the next one's are written (1M: ~3 GB)
+            shutil.rmtree(cache, ignore_errors=True)
+            shutil.rmtree(Path(tmp) / f"hf-{size}", ignore_errors=True)
     load = os.getloadavg()[0]
     print(f"\nsftkit token cache vs TRL/datasets, Qwen2.5 tokenizer, num_proc {args.num_proc}, load average {load:.1f}\n")
-    print(f"{'conversations':>13} {'render s':>9} {'peak GB':>8} {'hit s':>7} {'hit peak GB':>11} "
+    print(f"{'conversations':>13} {'render s':>9} {'conv/s':>7} {'peak GB':>8} {'hit s':>7} {'hit peak GB':>11} "
           f"{'B/token':>8} {'TRL s':>7} {'TRL peak GB':>11}")
     for size, first, second, store_bytes, trl in rows:
         tokens = max(first.get("tokens", 0), 1)
-        print(f"{size:>13,} {first.get('seconds', float('nan')):>9.1f} {first.get('peak_gb', float('nan')):>8.2f} "
+        rate = size / first["seconds"] if "seconds" in first else float("nan")
+        print(f"{size:>13,} {first.get('seconds', float('nan')):>9.1f} {rate:>7.0f} {first.get('peak_gb', float('nan')):>8.2f} "
               f"{second.get('seconds', float('nan')):>7.2f} {second.get('peak_gb', float('nan')):>11.2f} "
               f"{store_bytes / tokens:>8.2f} {trl.get('seconds', float('nan')):>7.1f} "
               f"{trl.get('peak_gb', float('nan')):>11.2f}")
     size, first, second, *_ = rows[-1]
+    smallest = rows[0][1]
+    if len(rows) > 1 and "peak_gb" in first and "peak_gb" in smallest:
+        print(f"\nfirst-run peak RSS at {size:,} / at {rows[0][0]:,}: {first['peak_gb'] / smallest['peak_gb']:.2f}x")
     if "seconds" in first and "seconds" in second:
-        print(f"\nsecond run / first run data time at {size:,}: {second['seconds'] / first['seconds']:.3f} "
+        print(f"second run / first run data time at {size:,}: {second['seconds'] / first['seconds']:.3f} "
               f"({first['seconds'] / second['seconds']:.0f}x sooner)")
     return 0
 
