@@ -16,7 +16,7 @@ from sftkit.config import DataConfig
 from sftkit.data import load as load_module
 from sftkit.data import store, stream
 from sftkit.data.load import load_data
-from sftkit.data.messages import DataFileError
+from sftkit.data.messages import DataError, DataFileError
 from sftkit.data.templates import prepare_tokenizer
 from tests.conftest import ASSETS, SHARED_DATA, requires_shared, tokenizer_dir
 
@@ -143,6 +143,24 @@ def test_a_render_that_fails_half_way_leaves_no_store(tmp_path: Path, tokenizer,
     if where != "invalid record":
         plain, streamed = both(config, tokenizer)
         assert_same(plain, streamed)
+
+
+@pytest.mark.parametrize("change", ["appended", "cut"])
+def test_a_file_changed_between_the_two_readings_is_not_stored(tmp_path: Path, tokenizer,
+                                                               monkeypatch: pytest.MonkeyPatch, change: str) -> None:
+    data = many_chats(tmp_path / "chats.jsonl", 30)
+    real_count = stream.count_records
+
+    def count_then_change(*args, **kwargs):
+        counted = real_count(*args, **kwargs)
+        lines = data.read_text().splitlines(keepends=True)
+        data.write_text("".join(lines + lines[:1] if change == "appended" else lines[:-1]))
+        return counted
+
+    monkeypatch.setattr(stream, "count_records", count_then_change)
+    with pytest.raises(DataError, match="changed while it was read"):
+        load_data(DataConfig(train=[str(data)], cache_dir=str(tmp_path / "cache")), tokenizer, seed=0)
+    assert list((tmp_path / "cache").iterdir()) == []
 
 
 def test_no_usable_example_raises_as_the_in_memory_path_and_stores_nothing(tmp_path: Path, tokenizer) -> None:

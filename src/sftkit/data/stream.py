@@ -32,7 +32,7 @@ from tqdm import tqdm
 from sftkit.config import DataConfig, Source
 from sftkit.data import store
 from sftkit.data.formats import LoadReport, stream_records
-from sftkit.data.messages import Conversation, Problems, Record
+from sftkit.data.messages import Conversation, DataError, Problems, Record
 from sftkit.data.mixing import MixReport, SourceCount, picks, source_name
 from sftkit.data.render import Renderer
 from sftkit.data.render_all import RenderReport, render_stream
@@ -66,7 +66,7 @@ class Plan:
     sizes: list[int]  # records per train source
     held: np.ndarray  # bool per record: held out for eval
     copies: np.ndarray  # int32 per record: how many times the train split takes it
-    picked: list[list[int]] = field(default_factory=list)  # per source, when mixed: its picks (`mixing.pick`)
+    mixed: list[tuple[int, int, int]] = field(default_factory=list)  # per source: available, taken, distinct
 
     @classmethod
     def make(cls, sizes: list[int], held: np.ndarray, specs: Sequence[Source], seed: int) -> Plan:
@@ -75,9 +75,10 @@ class Plan:
         if not any(spec.mixed for spec in specs):
             return plan
         kept = [np.flatnonzero(~held[start:start + size]) + start for start, size in zip(plan.starts, sizes)]
-        plan.picked = picks([len(k) for k in kept], specs, seed)
-        for indices, chosen in zip(kept, plan.picked):
-            plan.copies[indices] = np.bincount(np.asarray(chosen, dtype=np.int64), minlength=len(indices))
+        for indices, chosen in zip(kept, picks([len(k) for k in kept], specs, seed)):
+            copies = np.bincount(np.asarray(chosen, dtype=np.int64), minlength=len(indices))
+            plan.copies[indices] = copies
+            plan.mixed.append((len(indices), len(chosen), int(np.count_nonzero(copies))))
         return plan
 
     @property
@@ -87,13 +88,10 @@ class Plan:
     def mixing(self, first_kept: Sequence[str | None]) -> str:
         """`mixing.MixReport.summary` of the mix, "" when nothing is mixed; each source named by its
         first record not held out, as `mix_with_report` names it."""
-        if not self.picked:
+        if not self.mixed:
             return ""
-        return MixReport([
-            SourceCount(source_name(first, position), int(np.count_nonzero(~self.held[start:start + size])),
-                        len(chosen), len(set(chosen)))
-            for position, (first, chosen, start, size)
-            in enumerate(zip(first_kept, self.picked, self.starts, self.sizes))]).summary()
+        return MixReport([SourceCount(source_name(first, position), *counts)
+                          for position, (first, counts) in enumerate(zip(first_kept, self.mixed))]).summary()
 
 
 def planned_records(paths: Sequence[str | Path], config: DataConfig, take: np.ndarray,
@@ -104,12 +102,23 @@ def planned_records(paths: Sequence[str | Path], config: DataConfig, take: np.nd
     for position, path in enumerate(paths):
         _, records = _stream(path, config)
         for record in records:
+            if number == len(take):
+                raise _changed(paths, len(take), "more")
             if first_kept is not None and held is not None and first_kept[position] is None and not held[number]:
                 first_kept[position] = record.source
             copies = int(take[number])
             number += 1
             for _ in range(copies):
                 yield record
+    if number != len(take):
+        raise _changed(paths, len(take), str(number))
+
+
+def _changed(paths: Sequence[str | Path], counted: int, read: str) -> DataError:
+    """A file written to between the two readings: the plan numbered other records, so nothing rendered
+    from it may be stored (the error ends the render before its commit)."""
+    return DataError(", ".join(map(str, paths)), f"changed while it was read: {counted} records counted, then {read}",
+                     hint="run again once the files are written")
 
 
 def render_into(writer: store.Writer, records: Iterable[Record], count: int, renderer: Renderer, *,
