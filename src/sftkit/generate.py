@@ -16,6 +16,7 @@ the `sftkit_config.yaml` that `sftkit train` writes into `final/`.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,26 +163,23 @@ def generation_config(model: PreTrainedModel, stops: list[int], pad_id: int, max
 
 
 @torch.no_grad()
-def generate_replies(
+def continue_batch(
     model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    conversations: list[list[dict[str, Any]]],
+    prompts: Sequence[list[int]],
+    stops: list[int],
+    pad_id: int,
+    max_new_tokens: int | list[int],
     *,
-    max_new_tokens: int | list[int] = 256,
     temperature: float = 0.0,
     top_p: float | None = None,
-    template_kwargs: dict | None = None,
     batch_size: int = 8,
-) -> list[Reply]:
-    """The assistant's next turn after each conversation, `batch_size` at a time (left-padded, prompts of
-    similar length together). Greedy replies are the ones `generate_reply` gives one by one. A list
-    `max_new_tokens` gives each conversation its own limit (`sftkit serve` batches requests)."""
-    limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(conversations)
-    stops = stop_ids(model, tokenizer, template_kwargs)
-    pad_id = pad_token_id(tokenizer, stops)
-    prompts = [encode_prompt(tokenizer, messages, template_kwargs) for messages in conversations]
+) -> list[tuple[list[int], bool]]:
+    """Continuations of token-id prompts, `batch_size` at a time (left-padded, prompts of similar length
+    together): (the new ids through the first stop id, cut at the prompt's limit; whether a stop id came).
+    The one batched generation loop: `generate_replies`, `sftkit serve`, `sftkit eval` and the demo use it."""
+    limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    replies: list[Reply | None] = [None] * len(prompts)
+    out: list[tuple[list[int], bool] | None] = [None] * len(prompts)
     was_training = model.training
     model.eval()
     try:
@@ -194,18 +192,37 @@ def generate_replies(
                 input_ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
                 attention_mask[row, width - len(prompts[i]) :] = 1
             config = generation_config(model, stops, pad_id, max(limits[i] for i in rows), temperature, top_p)
-            out = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
-                                 generation_config=config)
+            new = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
+                                 generation_config=config)[:, width:].tolist()
             for row, i in enumerate(rows):
-                new = out[row, width:].tolist()
-                end = next((k + 1 for k, token in enumerate(new) if token in stops), None)
-                ids = new[: min(end or len(new), limits[i])]
-                stopped = bool(ids) and ids[-1] in stops
-                replies[i] = Reply(tokenizer.decode(ids, skip_special_tokens=True).strip(), ids, stopped,
-                                   len(prompts[i]))
+                end = next((k + 1 for k, token in enumerate(new[row]) if token in stops), None)
+                ids = new[row][: min(end or len(new[row]), limits[i])]
+                out[i] = (ids, bool(ids) and ids[-1] in stops)
     finally:
         model.train(was_training)
-    return replies  # type: ignore[return-value]
+    return out  # type: ignore[return-value]
+
+
+def generate_replies(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: list[list[dict[str, Any]]],
+    *,
+    max_new_tokens: int | list[int] = 256,
+    temperature: float = 0.0,
+    top_p: float | None = None,
+    template_kwargs: dict | None = None,
+    batch_size: int = 8,
+) -> list[Reply]:
+    """The assistant's next turn after each conversation, `batch_size` at a time (`continue_batch`). Greedy
+    replies are the ones `generate_reply` gives one by one. A list `max_new_tokens` gives each conversation
+    its own limit (`sftkit serve` batches requests)."""
+    stops = stop_ids(model, tokenizer, template_kwargs)
+    prompts = [encode_prompt(tokenizer, messages, template_kwargs) for messages in conversations]
+    done = continue_batch(model, prompts, stops, pad_token_id(tokenizer, stops), max_new_tokens,
+                          temperature=temperature, top_p=top_p, batch_size=batch_size)
+    return [Reply(tokenizer.decode(ids, skip_special_tokens=True).strip(), ids, stopped, len(prompt))
+            for (ids, stopped), prompt in zip(done, prompts)]
 
 
 def generate_command(
@@ -248,31 +265,31 @@ def chat(
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
     interactive = stdin.isatty()
-    print("sftkit chat — /reset clears the conversation, Ctrl-C stops a reply, /exit (or end of input) quits.",
-          flush=True)
-    while True:
-        if interactive:
-            print("> ", end="", flush=True)
-        try:
+    try:  # Ctrl-C anywhere but inside a reply (at the prompt, or before it is shown) ends the session cleanly
+        print("sftkit chat — /reset clears the conversation, Ctrl-C stops a reply, /exit (or end of input) quits.",
+              flush=True)
+        while True:
+            if interactive:
+                print("> ", end="", flush=True)
             line = stdin.readline()
-        except KeyboardInterrupt:  # Ctrl-C at the prompt: the end of the session, not an error
-            print(flush=True)
-            return messages
-        if not line or line.strip() in ("/exit", "/quit"):
-            return messages
-        text = line.strip()
-        if not text:
-            continue
-        if text == "/reset":
-            messages = list(start)
-            continue
-        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        try:
-            reply = generate_reply(model, tokenizer, [*messages, {"role": "user", "content": text}],
-                                   max_new_tokens=max_new_tokens, temperature=temperature, streamer=streamer,
-                                   template_kwargs=template_kwargs)
-        except KeyboardInterrupt:
-            print("\n[reply stopped (Ctrl-C); the question is left out of the conversation — ask again, "
-                  "or Ctrl-C at the prompt to quit]", flush=True)
-            continue
-        messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply.text}]
+            if not line or line.strip() in ("/exit", "/quit"):
+                return messages
+            text = line.strip()
+            if not text:
+                continue
+            if text == "/reset":
+                messages = list(start)
+                continue
+            streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+            try:
+                reply = generate_reply(model, tokenizer, [*messages, {"role": "user", "content": text}],
+                                       max_new_tokens=max_new_tokens, temperature=temperature, streamer=streamer,
+                                       template_kwargs=template_kwargs)
+            except KeyboardInterrupt:
+                print("\n[reply stopped (Ctrl-C); the question is left out of the conversation — ask again, "
+                      "or Ctrl-C at the prompt to quit]", flush=True)
+                continue
+            messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply.text}]
+    except KeyboardInterrupt:
+        print(flush=True)
+        return messages

@@ -44,7 +44,7 @@ from sftkit.evaluate.tasks import (
     shots_for,
     wilson,
 )
-from sftkit.generate import encode_prompt, eos_ids, stop_ids
+from sftkit.generate import continue_batch, encode_prompt, eos_ids, stop_ids
 
 MAX_NEW_TOKENS = 128
 BATCH_SIZE = 32
@@ -114,23 +114,12 @@ class Asker:
         return list(dict.fromkeys(eos_ids(self.model) + own))
 
 
-@torch.no_grad()
 def generate_batch(model: PreTrainedModel, prompts: Sequence[list[int]], stops: list[int], pad_id: int,
                    max_new_tokens: int, batch_size: int = BATCH_SIZE) -> list[tuple[list[int], bool]]:
-    """Greedy continuations of token-id prompts, `batch_size` at a time, left-padded:
-    (new ids up to the first stop id, whether a stop id came)."""
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        width = max(map(len, chunk))
-        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk], device=model.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=model.device)
-        new = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=stops, pad_token_id=pad_id, temperature=None, top_p=None, top_k=None)
-        for row in new[:, width:].tolist():
-            cut = next((i for i, t in enumerate(row) if t in stops), None)
-            out.append((row[:cut] if cut is not None else row, cut is not None))
-    return out
+    """Greedy continuations of token-id prompts (`generate.continue_batch`): (new ids up to, not
+    including, the first stop id; whether a stop id came)."""
+    done = continue_batch(model, prompts, stops, pad_id, max_new_tokens, batch_size=batch_size)
+    return [(ids[:-1] if stopped else ids, stopped) for ids, stopped in done]
 
 
 @torch.no_grad()
