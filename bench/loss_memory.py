@@ -109,10 +109,11 @@ def child(method: str, tokens: int, vocab: int, hidden: int, dtype_name: str, de
         free = psutil.virtual_memory().available / 1e9
         if logits_gb > 0.5 * free:  # a shared machine: leave the others room
             return {"skipped": f"full logits need about {logits_gb:.0f} GB, over half the {free:.0f} GB free (shared machine)"}
-    generator = torch.Generator().manual_seed(0)
-    h = (torch.randn(tokens, hidden, generator=generator) * 0.5).to(device, dtype).requires_grad_()
-    w = (torch.randn(vocab, hidden, generator=generator) / hidden**0.5).to(device, dtype).requires_grad_(not frozen)
-    t = torch.randint(0, vocab, (tokens,), generator=generator).to(device)
+    # drawn where they live: 262k x 2048 normal samples take seconds on a CPU before a GPU could use them
+    generator = torch.Generator(device).manual_seed(0)
+    h = (torch.randn(tokens, hidden, generator=generator, device=device) * 0.5).to(dtype).requires_grad_()
+    w = (torch.randn(vocab, hidden, generator=generator, device=device) / hidden**0.5).to(dtype).requires_grad_(not frozen)
+    t = torch.randint(0, vocab, (tokens,), generator=generator, device=device)
     function(h[:8].detach().requires_grad_(), w, t[:8]).backward()  # warm-up (compilation, kernels)
     w.grad = None
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -181,7 +182,7 @@ def main() -> None:
           f"{os.cpu_count()} CPUs", flush=True)
     head = (f"{'tokens':>6} {'vocab':>7} {'method':<7} {'peak MB':>8} {'work MB':>8} {'grads MB':>8} "
             f"{'seconds':>8} {'loss':>8} {'max rel diff':>12} {'peak/TRL':>8} {'work/TRL':>8}")
-    lines = [head, "-" * len(head)]
+    print(head + "\n" + "-" * len(head), flush=True)  # each group's rows as soon as it is done: a cut run keeps them
     with tempfile.TemporaryDirectory(prefix="sftkit-loss-memory-") as tmp:
         for tokens in args.tokens:
             for vocab in args.vocab:
@@ -197,8 +198,7 @@ def main() -> None:
                     rows[method] = json.loads(found[-1]) if found else {
                         "skipped": f"failed (exit {done.returncode}): {done.stderr.strip()[-200:]}"}
                     rows[method]["file"] = out
-                    print(f"  {tokens} x {vocab} {method}: {rows[method].get('skipped') or 'done'}", flush=True)
-                trl = rows.get("trl", {})
+                trl, lines = rows.get("trl", {}), []
                 reference = rows.get("sftkit", {}).get("file")
                 for method, r in rows.items():
                     if "skipped" in r:
@@ -208,7 +208,7 @@ def main() -> None:
                     lines.append(f"{tokens:>6} {vocab:>7} {method:<7} {r['peak_mb']:>8.0f} {r['work_mb']:>8.0f} "
                                  f"{r['grads_mb']:>8.0f} {r['seconds']:>8.2f} {r['loss']:>8.4f} {diff:>12.1e} "
                                  f"{ratio(r, trl, 'peak_mb'):>8} {ratio(r, trl, 'work_mb'):>8}")
-    print("\n".join(lines))
+                print("\n".join(lines), flush=True)
     print("peak: rise over the inputs, gradients included; work: peak minus the gradients handed back; "
           "max rel diff: against sftkit (loss, 64 rows of each gradient)")
 

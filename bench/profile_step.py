@@ -3,17 +3,21 @@
     .venv/bin/python bench/profile_step.py                          # the train_throughput tiny model, padding-free
     .venv/bin/python bench/profile_step.py --model qwen2-100m --steps 2
     .venv/bin/python bench/profile_step.py --batching padded --rows 30
+    python3 bench/profile_step.py --workdir /tmp/sftkit-gpu-work --model qwen2.5-0.5b --device cuda --dtype bfloat16 \
+        --max-length 2048 --examples 320      # on the GPU (bench/gpu/driver.py runs this after its tables)
 
 The model and data are `bench/train_throughput.py`'s (its work directory, made by it if missing); the
 step is sftkit's own (`setup_model`, `setup_data`, `setup_optimizer`, `backward_window`, clipping,
 AdamW), the same as `sftkit train` without logging. One warm-up step, then `--steps` profiled steps.
-Prints the top operators by self time and the time grouped by what it is for.
+Prints the top operators by self time and the time grouped by what it is for (on CUDA: the kernels'
+device time, and the wall time per step, so the share the GPU sits idle waiting for Python shows).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -40,9 +44,13 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=25, help="operators listed")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/sftkit-bench-train"))
     parser.add_argument("--examples", type=int, default=240)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--max-length", type=int, default=tt.MAX_LENGTH)
     args = parser.parse_args()
 
     import torch
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     from sftkit.data.batches import Batcher
@@ -52,12 +60,14 @@ def main() -> None:
 
     paths = tt.prepare(args.workdir, args.examples, args.model)
     config = config_from_dict({
-        "model": {"path": paths["model"], "dtype": "float32"},
-        "data": {"train": paths["train"], "max_length": tt.MAX_LENGTH, "batching": args.batching},
-        "train": {"batch_size": tt.BATCH, "lr": tt.LR, "max_steps": args.steps + 1, "device": "cpu"},
+        "model": {"path": paths["model"], "dtype": args.dtype},
+        "data": {"train": paths["train"], "max_length": args.max_length, "batching": args.batching},
+        "train": {"batch_size": tt.BATCH, "lr": tt.LR, "max_steps": args.steps + 1, "device": args.device},
         "output_dir": str(args.workdir / "profile"),
     })
-    device = torch.device("cpu")
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     model, tokenizer, _ = setup_model(config, device)
     examples = setup_data(config, tokenizer)[0].examples
     batcher = Batcher.from_config(examples, pad_token_id(tokenizer), config.data, config.train, 1)
@@ -73,17 +83,30 @@ def main() -> None:
         return sum(int(b["attention_mask"].sum()) for b in batches)
 
     step(0)  # warm-up: allocations, kernel choices
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    sync()
+    started = time.perf_counter()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
         tokens = sum(step(i + 1) for i in range(args.steps))
+        sync()
+    wall = time.perf_counter() - started
     events = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in events)
-    print(f"{args.model}, {args.batching}, {args.steps} steps, {tokens} input tokens, torch threads "
-          f"{torch.get_num_threads()}: {total / 1e6:.2f} s of operator self time")
-    print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    own = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    # on CUDA a kernel's time appears twice, as the kernel and as the operator that launched it: the total is
+    # the kernels', the groups the operators' (a Triton kernel launched from Python has no operator: "other")
+    total = sum(own(e) for e in events if not cuda or e.device_type == DeviceType.CUDA)
+    events_by_op = [e for e in events if e.device_type == DeviceType.CPU]
+    print(f"{args.model}, {args.batching}, {args.device} {args.dtype}, {args.steps} steps, {tokens} input tokens, "
+          f"torch threads {torch.get_num_threads()}: {total / 1e6:.2f} s of {'kernel' if cuda else 'operator'} "
+          f"self time in {wall:.2f} s of wall time (profiled){'; the GPU is busy ' if cuda else ''}"
+          f"{f'{total / 1e6 / wall:.0%} of it' if cuda else ''}")
+    print(events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=args.rows))
     grouped: dict[str, float] = defaultdict(float)
-    for event in events:
+    for event in events_by_op:
         group = next((g for g, keys in GROUPS if any(k in event.key for k in keys)), "other")
-        grouped[group] += event.self_cpu_time_total
+        grouped[group] += own(event)
+    if cuda:
+        grouped["other"] = max(0.0, total - sum(v for g, v in grouped.items() if g != "other"))
     for group, micros in sorted(grouped.items(), key=lambda kv: -kv[1]):
         print(f"  {group:32} {micros / 1e6:7.2f} s  {micros / total:6.1%}")
 

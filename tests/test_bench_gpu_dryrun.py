@@ -2,8 +2,8 @@
 
 The GPU check is one call of a device that most sessions are not lent, so this is what proves it
 runs: the model and data preparation, the packed-vs-unpacked check, the four sftkit / TRL runs of
-`bench/train_throughput.py` (full and LoRA, padding-free) with their MFU lines, and the loss-alone
-table of `bench/loss_memory.py`, all the way to summary.txt. Minutes on a busy 2-core machine: slow.
+`bench/train_throughput.py` (full and LoRA, padding-free) with their MFU lines, the profile of
+sftkit's step (`bench/profile_step.py`) and the loss-alone table of `bench/loss_memory.py`, all the way to summary.txt. Minutes on a busy 2-core machine: slow.
 """
 
 from __future__ import annotations
@@ -40,6 +40,12 @@ def test_gpu_check_dry_run_on_cpu(tmp_path: Path) -> None:
     assert re.search(r"^sftkit/TRL trained tokens/s ratio: [0-9.]+$", throughput, re.MULTILINE), throughput
     assert re.search(r"^sftkit CPU MFU: [0-9.]+%$", throughput, re.MULTILINE), throughput
     assert "sftkit LoRA padding-free / TRL LoRA padding-free" in throughput
+
+    profile = (out / "profile.txt").read_text()
+    assert re.search(r"tiny-qwen2, padding_free, cpu float32, 3 steps, \d+ input tokens", profile), profile
+    shares = [float(m) for m in re.findall(r"^  .+\s+[0-9.]+ s\s+([0-9.]+)%$", profile, re.MULTILINE)]
+    assert shares and abs(sum(shares) - 100) < 1, profile  # every operator's time is in one group
+    assert "== where one sftkit step's time goes (tiny-qwen2) ==" in summary
 
     loss = (out / "loss_memory.txt").read_text()
     for method in ("sftkit", "trl", "plain"):

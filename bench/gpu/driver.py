@@ -8,10 +8,12 @@ CUDA peak is its own): sftkit and TRL `SFTTrainer`, padding-free (TRL with its d
 chunked `nll` Triton kernel, its best on CUDA: it refuses Liger's fused cross-entropy), full
 fine-tuning and LoRA (r 16, every linear layer of the blocks), bf16, sdpa attention, the same data in
 the same order. Each prints tokens/s, peak memory, final loss and MFU against a measured bf16
-matmul rate. Before them, a packed-vs-unpacked check: the summed loss of a few documents packed into
-one row (sftkit's padding-free batch) against each document alone, in fp32 and bf16, on the GPU.
-Last, `bench/loss_memory.py` at the issue's sizes (4k / 16k tokens x 152k / 262k vocabulary, hidden
-2048, bf16). Everything lands in `--out` (summary.txt, one file per run).
+matmul rate. Before them: a packed-vs-unpacked check (the summed loss of a few documents packed into
+one row, sftkit's padding-free batch, against each document alone, in fp32 and bf16, on the GPU);
+`bench/profile_step.py` over three sftkit steps of the first shape (kernel time by kind, and how busy
+the GPU is); `bench/loss_memory.py` at the issue's sizes (4k / 16k tokens x 152k / 262k vocabulary,
+hidden 2048, bf16). Everything lands in `--out` as it finishes (summary.txt at the end, one file per
+run), so a run cut by the device's time limit keeps what it did.
 
 Data: synthetic conversations (user and assistant turns of random lengths, words drawn from the text
 of tests/assets/data), rendered with the real Qwen2.5 tokenizer and template; the Llama-3.2-1B body
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -163,6 +166,16 @@ def main() -> None:
         except Exception as err:  # noqa: BLE001 - the summary says what failed; the runs go on
             summary.append(f"{model_name} packed vs unpacked loss: failed: {type(err).__name__}: {err}")
         print(summary[-1], flush=True)
+    # the quick diagnostics first (each lands in --out as it finishes): where a step's time goes, the loss alone
+    output = run([sys.executable, str(BENCH / "profile_step.py"), "--workdir", str(args.work), "--model", models[0],
+                  "--device", plan["device"], "--dtype", plan["dtype"], "--max-length", str(plan["max_length"]),
+                  "--examples", str(plan["examples"]), "--steps", "3", "--rows", "30"],
+                 args.out / "profile.txt", args.timeout)
+    summary.append(f"== where one sftkit step's time goes ({models[0]}) ==\n" + "\n".join(
+        line for line in output.splitlines() if re.search(r"\s[0-9.]+ s\s+[0-9.]+%$", line) or " steps, " in line))
+    output = run([sys.executable, str(BENCH / "loss_memory.py"), "--device", plan["device"], "--dtype", plan["dtype"],
+                  *plan["loss"]], args.out / "loss_memory.txt", args.timeout)
+    summary.append("== loss alone ==\n" + output.strip())
     for model_name in models:
         output = run([sys.executable, str(BENCH / "train_throughput.py"), "--workdir", str(args.work), "--examples",
                       str(plan["examples"]), "--model", model_name, "--device", plan["device"], "--dtype", plan["dtype"],
@@ -171,9 +184,6 @@ def main() -> None:
                      args.out / f"throughput-{model_name}.txt", args.timeout)
         table = output[output.find("configuration"):] if "configuration" in output else output[-1500:]
         summary.append(f"== {model_name} ==\n{table.strip()}")
-    output = run([sys.executable, str(BENCH / "loss_memory.py"), "--device", plan["device"], "--dtype", plan["dtype"],
-                  *plan["loss"]], args.out / "loss_memory.txt", args.timeout)
-    summary.append("== loss alone ==\n" + output.strip())
     summary.append(f"whole check: {time.perf_counter() - started:.0f} s")
     (args.out / "summary.txt").write_text("\n\n".join(summary) + "\n")
     print("\n\n".join(summary), flush=True)

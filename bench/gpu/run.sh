@@ -14,7 +14,8 @@ set -u
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/sftkit-gpu-out}
 mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
+case " $* " in *" --dry-run "*) dry_run=1 ;; *) dry_run=0 ;; esac  # a dry run uses the venv it is given, not the wheels
+if [ "$dry_run" = 0 ] && ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         || { echo "run.sh: the wheels in .whl/ did not install" >&2; exit 1; }
     export PYTHONPATH=/tmp/site
