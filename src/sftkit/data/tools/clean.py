@@ -17,6 +17,10 @@ unrenderable / too long (`--max-tokens`, needs `--tokenizer`), short reply (`--m
 pattern (`--drop-pattern`, `--drop-refusals`), then among the rows left: exact duplicate, near
 duplicate (a later row is removed, the first one kept; `sftkit.data.tools.dedupe` says how: normalised
 text for exact duplicates, Jaccard of word 3-grams via MinHash LSH, confirmed exactly, for near ones).
+
+The file is read as a stream (`formats.stream_records`), a row at a time, rendered 4096 records at a
+time when `--max-tokens` asks: memory holds the duplicate index (`dedupe.DuplicateFinder`) and the
+removed rows' sources, not the records.
 """
 
 from __future__ import annotations
@@ -26,23 +30,26 @@ import os
 import re
 import sys
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from sftkit.data.formats import load_records
-from sftkit.data.messages import DataError, Record
+from sftkit.data.formats import stream_records
+from sftkit.data.messages import DataError, Problems, Record
 from sftkit.data.sources import write_rows_like
 from sftkit.data.tools.dedupe import (
     DEFAULT_NEAR_THRESHOLD,
+    DuplicateFinder,
+    Sources,
     Unit,
-    find_duplicates,
     group_units,
     replies,
 )
+
+RENDER_CHUNK = 4096  # records rendered at a time for --max-tokens
 
 # Boilerplate of distilled chat data (the phrases removed by the "unfiltered" Alpaca/Vicuna/WizardLM
 # cleanups); matched case-insensitively anywhere in an assistant reply. `--drop-refusals` uses them.
@@ -184,71 +191,89 @@ def clean_file(path: str | Path, out: str | Path, options: CleanOptions | None =
     if options.max_tokens is not None and tokenizer is None:
         raise DataError(str(path), "--max-tokens needs --tokenizer: lengths are counted in tokens")
     patterns = compile_patterns(options.drop_patterns, options.drop_refusals)
-    load = load_records(path, format=options.format, columns=options.columns,
-                        on_error="skip" if options.skip_invalid else "raise", max_errors=sys.maxsize)
-    units = group_units(load.records)
+    load, records = stream_records(path, format=options.format, columns=options.columns,
+                                   on_error="skip" if options.skip_invalid else "raise", max_errors=sys.maxsize)
+    problems: dict[str, list[tuple[str, str]]] = {}  # reason -> (source, detail), the rows' own faults
+    duplicates: dict[str, list[tuple[str, str]]] = {}  # then, among the rows left, the repeats
+    threshold = options.near_threshold if options.dedupe == "near" else None
+    with DuplicateFinder(threshold) as finder:
+        kept = Sources()  # the rows compared for duplicates, by the finder's numbers
+        for unit, failed in _rendered_units(records, tokenizer, options.max_tokens, template_kwargs, progress):
+            problem = failed or next(
+                (p for r in unit.records if (p := reply_problem(r, options.min_reply_chars, patterns))), None)
+            if problem:
+                problems.setdefault(problem[0], []).append((unit.source, problem[1]))
+            elif options.dedupe != "none" and (match := _duplicate(finder, kept, unit)):
+                duplicates.setdefault(match[0], []).append((unit.source, match[1]))
     chosen = {key: value for key, value in vars(options).items() if value not in (None, (), False)}
-    report = CleanReport(str(path), str(out), rows_in=0, records_in=len(load.records), options=chosen)
+    report = CleanReport(str(path), str(out), rows_in=0, records_in=load.read, options=chosen)
     for err in load.errors:
         report.remove("invalid", err.source, err.problem)
-    failed = _too_long(units, tokenizer, options.max_tokens, template_kwargs, progress)
-    survivors = []
-    for unit in units:
-        problem = failed.get(unit.source) or next(
-            (p for r in unit.records if (p := reply_problem(r, options.min_reply_chars, patterns))), None)
-        if problem:
-            report.remove(problem[0], unit.source, problem[1])
-        else:
-            survivors.append(unit)
-    _remove_duplicates(survivors, options, report, progress)
+    report.removed |= problems | duplicates  # the order `remove` gives: invalid, faults, then duplicates
     removed = {source for rows in report.removed.values() for source, _ in rows}
     report.rows_out = write_rows_like(path, out, lambda source: source not in removed)
     report.rows_in = report.rows_out + len(removed)  # every row is written or removed, once
     return report
 
 
-def render_chunks(records: Sequence[Record], renderer: Any, *, num_proc: int = 1, progress: bool = False,
-                  chunk: int = 4096) -> Iterator[Any]:
-    """`render_records` (invalid records skipped, every error kept) one chunk at a time, so only one
-    chunk's token lists are held in memory; yields each chunk's `RenderReport`."""
-    from sftkit.data.render_all import render_records
-
-    bar = tqdm(total=len(records), desc="render", unit="ex", disable=None if progress else True)
-    for start in range(0, len(records), chunk):
-        part = records[start:start + chunk]
-        yield render_records(part, renderer, on_error="skip", num_proc=num_proc, max_errors=len(part))
-        bar.update(len(part))
-    bar.close()
+def _duplicate(finder: DuplicateFinder, kept: Sources, unit: Unit) -> tuple[str, str] | None:
+    """(reason, detail) when `unit` repeats an earlier row compared, else None."""
+    match = finder.add(unit.text)
+    kept.append(unit.source)
+    if match is None:
+        return None
+    if match.kind == "exact":
+        return "exact duplicate", f"same as {short_source(kept[match.of])}"
+    return "near duplicate", f"Jaccard {match.score:.3f} with {short_source(kept[match.of])}"
 
 
-def _too_long(units: list[Unit], tokenizer: Any, max_tokens: int | None, template_kwargs: dict | None,
-              progress: bool) -> dict[str, tuple[str, str]]:
-    """source -> (reason, detail) for rows the renderer rejects or renders longer than `max_tokens`."""
+def _rendered_units(records: Iterable[Record], tokenizer: Any, max_tokens: int | None,
+                    template_kwargs: dict | None, progress: bool) -> Iterator[tuple[Unit, tuple[str, str] | None]]:
+    """Each row (as read) with (reason, detail) when the renderer rejects one of its records or renders
+    one longer than `max_tokens`, else None. Rendered `RENDER_CHUNK` records at a time; a row whose
+    records run into the next chunk waits for it."""
+    bar = tqdm(desc="clean", unit="row", disable=None if progress else True)
     if max_tokens is None:
-        return {}
+        for unit in group_units(records):
+            bar.update()
+            yield unit, None
+        bar.close()
+        return
     from sftkit.data.render import Renderer
+    from sftkit.data.render_all import RenderReport, render_stream
 
-    failed: dict[str, tuple[str, str]] = {}
-    records = [r for unit in units for r in unit.records]
-    for rendered in render_chunks(records, Renderer(tokenizer, template_kwargs=template_kwargs), progress=progress):
+    renderer = Renderer(tokenizer, template_kwargs=template_kwargs)
+    rendered = RenderReport(examples=[], problems=Problems(skip=True, max_errors=sys.maxsize))
+    pending: list[Unit] = []  # the rows of the chunks read and not yet judged
+    failed: dict[str, tuple[str, str]] = {}  # source -> (reason, detail), for the pending rows
+
+    def chunks() -> Iterator[list[Record]]:
+        chunk: list[Record] = []
+        for record in records:
+            if pending and pending[-1].source == record.source:
+                pending[-1].records.append(record)
+            else:
+                pending.append(Unit(record.source, [record]))
+            chunk.append(record)
+            if len(chunk) == RENDER_CHUNK:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+    for examples in render_stream(chunks(), renderer, rendered):  # one chunk read, then rendered
         failed.update({err.source: ("unrenderable", err.problem) for err in rendered.errors})
-        for example in rendered.examples:
+        rendered.errors.clear()
+        for example in examples:
             if len(example.input_ids) > max_tokens and example.source not in failed:
                 failed[example.source] = ("too long", f"{len(example.input_ids)} tokens > {max_tokens}")
-    return failed
-
-
-def _remove_duplicates(units: list[Unit], options: CleanOptions, report: CleanReport, progress: bool) -> None:
-    if options.dedupe == "none":
-        return
-    threshold = options.near_threshold if options.dedupe == "near" else None
-    found = find_duplicates([u.text for u in units], near_threshold=threshold, progress=progress)
-    for i, unit in enumerate(units):
-        if i in found.exact:
-            report.remove("exact duplicate", unit.source, f"same as {short_source(units[found.exact[i]].source)}")
-        elif i in found.near:
-            j, score = found.near[i]
-            report.remove("near duplicate", unit.source, f"Jaccard {score:.3f} with {short_source(units[j].source)}")
+        done, pending[:] = pending[:-1], pending[-1:]  # the last row may go on in the next chunk
+        for unit in done:
+            bar.update()
+            yield unit, failed.pop(unit.source, None)
+    for unit in pending:
+        yield unit, failed.pop(unit.source, None)
+    bar.close()
 
 
 def write_clean_report(report: CleanReport, out: str | Path, report_path: str | Path | None = None) -> Path:

@@ -17,75 +17,37 @@ Invalid records are counted and listed, never fatal: inspecting is how one finds
 
 from __future__ import annotations
 
-import heapq
+import hashlib
 import re
-import unicodedata
-from collections import Counter
-from collections.abc import Iterable
+from array import array
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from functools import lru_cache
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from sftkit.data.formats import load_records
+from sftkit.data.formats import stream_records
 from sftkit.data.messages import Conversation, Record
-from sftkit.data.tools.clean import compile_patterns, render_chunks, short_source
+from sftkit.data.tools.clean import compile_patterns, short_source
 from sftkit.data.tools.dedupe import (
     DEFAULT_NEAR_THRESHOLD,
-    find_duplicates,
+    DuplicateFinder,
+    Sources,
+    Unit,
     group_units,
     record_text,
     replies,
 )
+from sftkit.data.tools.ranks import WORST, Worst, percentiles
+from sftkit.data.tools.scripts import letters_by_script, script_of  # noqa: F401  (script_of: this module's API too)
 
-WORST = 5
 WORST_ORDER = ("invalid", "unrenderable", "dropped", "longest", "lowest", "shortest", "refusal", "exact", "near",
                "off")  # offender kinds in the report, by the first word of their name
-PERCENTILES = (50, 90, 95, 99)
-SCRIPTS = {name: name.title() for name in (
-    "LATIN", "GREEK", "CYRILLIC", "ARMENIAN", "HEBREW", "ARABIC", "SYRIAC", "THAANA", "DEVANAGARI",
-    "BENGALI", "GURMUKHI", "GUJARATI", "ORIYA", "TAMIL", "TELUGU", "KANNADA", "MALAYALAM", "SINHALA",
-    "THAI", "LAO", "TIBETAN", "MYANMAR", "GEORGIAN", "ETHIOPIC", "KHMER", "MONGOLIAN", "HIRAGANA",
-    "KATAKANA", "HANGUL", "BOPOMOFO", "YI")}
-SCRIPTS |= {"CJK": "Han", "KATAKANA-HIRAGANA": "Katakana"}
-_ASCII_LETTERS = re.compile(r"[A-Za-z]+")
-_NON_ASCII = re.compile(r"[^\x00-\x7f]")
-
-
-@lru_cache(maxsize=None)
-def script_of(char: str) -> str | None:
-    """The writing system of a letter ("Latin", "Han", "Cyrillic", ...), None for a non-letter."""
-    if not char.isalpha():
-        return None
-    words = unicodedata.name(char, "").split()
-    if words[:1] in (["FULLWIDTH"], ["HALFWIDTH"]):
-        words = words[1:]
-    return SCRIPTS.get(words[0], "Other") if words else "Other"
-
-
-def letters_by_script(text: str) -> Counter[str]:
-    """How many letters of `text` belong to each writing system."""
-    counts: Counter[str] = Counter()
-    ascii_letters = sum(map(len, _ASCII_LETTERS.findall(text)))
-    if ascii_letters:
-        counts["Latin"] = ascii_letters
-    if not text.isascii():
-        for char, n in Counter(_NON_ASCII.findall(text)).items():
-            if script := script_of(char):
-                counts[script] += n
-    return counts
-
-
-def percentiles(values: Iterable[int]) -> dict[str, int]:
-    """p50/p90/p95/p99 (nearest rank: each is a real example's value) and max; {} when empty."""
-    array = np.fromiter(values, dtype=np.int64)
-    if not array.size:
-        return {}
-    stats = {f"p{q}": int(np.percentile(array, q, method="nearest")) for q in PERCENTILES}
-    return stats | {"max": int(array.max())}
+CHUNK = 256  # records rendered at a time
 
 
 @dataclass(frozen=True)
@@ -101,8 +63,8 @@ class TokenStats:
     """Tokens per example as rendered for training (before truncation), and what `max_length` does."""
 
     max_length: int
-    lengths: list[int] = field(default_factory=list)
-    trained: list[int] = field(default_factory=list)
+    lengths: array = field(default_factory=lambda: array("q"))  # one number per example, not an object
+    trained: array = field(default_factory=lambda: array("q"))
     truncated: int = 0  # examples longer than max_length
     dropped: int = 0  # of those, examples with no trained token left: training drops them
     kept_tokens: int = 0  # tokens training sees: examples cut to max_length, dropped ones left out
@@ -132,8 +94,8 @@ class InspectReport:
     distinct_system: int = 0
     multi_turn: int = 0  # examples with more than one assistant reply
     raw_text: int = 0
-    chars: list[int] = field(default_factory=list)
-    reply_chars: list[int] = field(default_factory=list)
+    chars: array = field(default_factory=lambda: array("q"))
+    reply_chars: array = field(default_factory=lambda: array("q"))
     near_empty: int = 0  # examples with a reply shorter than min_reply_chars
     exact_duplicates: int = 0  # rows whose normalised text repeats an earlier row
     near_duplicates: int = 0  # rows similar to an earlier kept row (Jaccard >= near_threshold)
@@ -204,79 +166,120 @@ def inspect_file(path: str | Path, *, tokenizer: Any = None, max_length: int = 2
                  near_threshold: float = DEFAULT_NEAR_THRESHOLD, min_reply_chars: int = 10,
                  num_proc: int = 1, progress: bool = False) -> InspectReport:
     """Measure `path` (see the module docstring). `tokenizer` must carry its chat template
-    (`sftkit.data.templates.prepare_tokenizer`); without one, token figures are left out."""
-    load = load_records(Path(path), format=format, columns=columns, on_error="skip", max_errors=WORST)
-    records = load.records
-    units = group_units(records)
-    report = InspectReport(str(path), load.format, rows=len(units), examples=len(records),
-                           invalid=load.skipped, min_reply_chars=min_reply_chars,
+    (`sftkit.data.templates.prepare_tokenizer`); without one, token figures are left out.
+    The file is read once, as a stream: each row is measured, compared and rendered as it comes, and
+    what is kept per row is a few numbers (and the duplicate index, `dedupe.DuplicateFinder`)."""
+    load, records = stream_records(Path(path), format=format, columns=columns, on_error="skip", max_errors=WORST)
+    report = InspectReport(str(path), "", rows=0, examples=0, invalid=Counter(), min_reply_chars=min_reply_chars,
                            near_threshold=near_threshold)
+    content = _Content(report)
+    token_worst: dict[str, list[Offender]] = {}
+    with DuplicateFinder(near_threshold) as finder:
+        rows = _rows(group_units(records), content, finder, report, progress)
+        if tokenizer is None:
+            for _ in rows:
+                pass
+        else:
+            report.tokens = _tokens(rows, tokenizer, max_length, strategy, template_kwargs, num_proc, token_worst)
+    content.finish()
+    report.format, report.examples, report.invalid = load.format, load.read, load.skipped
     report.worst["invalid"] = [Offender(e.source, str(e).removeprefix(e.source + ": ")) for e in load.errors]
-    _content(records, report, progress)
-    found = find_duplicates([u.text for u in units], near_threshold=near_threshold, progress=progress)
-    report.exact_duplicates, report.near_duplicates = len(found.exact), len(found.near)
-    report.worst["exact duplicate"] = [Offender(units[i].source, f"same text as {short_source(units[j].source)}")
-                                       for i, j in list(found.exact.items())[:WORST]]
-    nearest = heapq.nlargest(WORST, found.near.items(), key=lambda item: item[1][1])
-    report.worst["near duplicate"] = [Offender(units[i].source, f"Jaccard {s:.3f} with {short_source(units[j].source)}")
-                                      for i, (j, s) in nearest]
-    if tokenizer is not None:
-        report.tokens = _tokens(records, tokenizer, max_length, strategy, template_kwargs, num_proc,
-                                progress, report.worst)
+    report.worst |= token_worst  # the longest in tokens replace the longest in characters
     report.worst = dict(sorted(report.worst.items(), key=lambda item: WORST_ORDER.index(re.split("[ -]", item[0])[0])))
     return report
 
 
-def _content(records: list[Record], report: InspectReport, progress: bool) -> None:
-    """Counts, lengths, scripts, short replies and refusals: everything that needs no tokenizer."""
-    refusal_patterns = compile_patterns(refusals=True)
-    systems: set[str] = set()
-    short: list[tuple[int, str, str]] = []
-    refusals: list[Offender] = []
-    dominant: list[tuple[str, str, str, float]] = []  # (source, "" | "reply ", script, share of letters)
-    for record in tqdm(records, desc="inspect", unit="ex", disable=None if progress else True):
+def _rows(units: Iterable[Unit], content: _Content, finder: DuplicateFinder, report: InspectReport,
+          progress: bool) -> Iterator[Record]:
+    """Each row measured and compared with the earlier ones as it is read; its records passed on."""
+    sources, exact, near = Sources(), [], Worst()
+    for unit in tqdm(units, desc="inspect", unit="row", disable=None if progress else True):
+        content.add(unit)
+        match = finder.add(unit.text)
+        sources.append(unit.source)
+        if match is not None and match.kind == "exact":
+            report.exact_duplicates += 1
+            if len(exact) < WORST:
+                exact.append(Offender(unit.source, f"same text as {short_source(sources[match.of])}"))
+        elif match is not None:
+            report.near_duplicates += 1
+            near.add(match.score, Offender(unit.source, f"Jaccard {match.score:.3f} with "
+                                                        f"{short_source(sources[match.of])}"))
+        yield from unit.records
+    report.rows = len(sources)
+    report.worst["exact duplicate"], report.worst["near duplicate"] = exact, near.items()
+
+
+class _Content:
+    """Counts, lengths, scripts, short replies and refusals: everything that needs no tokenizer, a row
+    at a time into `report`; `finish` writes the offenders once the main script is known."""
+
+    def __init__(self, report: InspectReport) -> None:
+        self.report, self.refusal_patterns = report, compile_patterns(refusals=True)
+        self.systems: set[bytes] = set()  # digests of the distinct system prompts
+        self.short, self.longest, self.refusals = Worst(largest=False), Worst(), []
+        # Off-script rows, before the main script is known: a row's offender is its first (part, script,
+        # share) whose script is not the main one. Under its first entry's script S, `off[S]` keeps the
+        # worst first entries (the offender when S is not main) and the worst first entries in another
+        # script than S (the offender when S is main): the worst of each case, chosen in `finish`.
+        self.off: dict[str, tuple[Worst, Worst]] = defaultdict(lambda: (Worst(), Worst()))
+        self.row = 0
+
+    def add(self, unit: Unit) -> None:
+        entries: list[tuple[str, str, float]] = []  # (part, dominant script, share of letters), in order
+        for record in unit.records:
+            self._record(record, entries)
+        if entries:
+            first = entries[0]
+            other = next((e for e in entries if e[1] != first[1]), None)
+            self.off[first[1]][0].add(first[2], (unit.source, first), order=self.row)
+            if other is not None:
+                self.off[first[1]][1].add(other[2], (unit.source, other), order=self.row)
+        self.row += 1
+
+    def _record(self, record: Record, entries: list[tuple[str, str, float]]) -> None:
+        report = self.report
         text = record_text(record)
         report.chars.append(len(text))
+        self.longest.add(len(text), Offender(record.source, f"{len(text)} chars"))
         letters = letters_by_script(text)
         report.letters.update(letters)
         if letters:
             script, n = letters.most_common(1)[0]
             report.scripts[script] += 1
-            dominant.append((record.source, "", script, n / sum(letters.values())))
+            entries.append(("", script, n / sum(letters.values())))
         if not isinstance(record, Conversation):
             report.raw_text += 1
-            continue
-        _count_turns(record, report, systems)
+            return
+        _count_turns(record, report, self.systems)
         answers = replies(record)
         if answer_letters := letters_by_script("\n".join(answers)):  # a reply in another script than asked
             script, n = answer_letters.most_common(1)[0]
-            dominant.append((record.source, "reply: ", script, n / sum(answer_letters.values())))
+            entries.append(("reply: ", script, n / sum(answer_letters.values())))
         report.reply_chars.extend(len(a.strip()) for a in answers)
         shortest = min((a.strip() for a in answers), key=len, default=None)
         if shortest is not None:
             report.near_empty += len(shortest) < report.min_reply_chars
-            short.append((len(shortest), record.source, shortest[:60]))
-        hit = next((m for a in answers for p in refusal_patterns if (m := p.search(a))), None)
+            self.short.add(len(shortest), Offender(record.source, f"{len(shortest)} chars: {shortest[:60]!r}"))
+        hit = next((m for a in answers for p in self.refusal_patterns if (m := p.search(a))), None)
         if hit:
             report.refusals += 1
-            if len(refusals) < WORST:
-                refusals.append(Offender(record.source, f"{hit.group(0)!r}"))
-    report.distinct_system = len(systems)
-    report.worst["shortest reply"] = [Offender(s, f"{n} chars: {t!r}")
-                                      for n, s, t in heapq.nsmallest(WORST, short, key=lambda x: x[0])]
-    report.worst["refusal-like"] = refusals
-    main = report.main_script
-    off: dict[str, tuple[float, str]] = {}  # one entry per example, the whole text's before its reply's
-    for s, part, script, share in dominant:
-        if script != main:
-            off.setdefault(s, (share, f"{part}{share:.0%} {script} letters (main: {main})"))
-    report.worst["off-script"] = [Offender(s, detail) for s, (_, detail) in heapq.nlargest(
-        WORST, off.items(), key=lambda item: item[1][0])]
-    longest = heapq.nlargest(WORST, zip(report.chars, (r.source for r in records)), key=lambda x: x[0])
-    report.worst["longest"] = [Offender(s, f"{n} chars") for n, s in longest]
+            if len(self.refusals) < WORST:
+                self.refusals.append(Offender(record.source, f"{hit.group(0)!r}"))
+
+    def finish(self) -> None:
+        report, main = self.report, self.report.main_script
+        report.distinct_system = len(self.systems)
+        report.worst["shortest reply"] = self.short.items()
+        report.worst["refusal-like"] = self.refusals
+        cases = [firsts for script, (firsts, _) in self.off.items() if script != main]
+        cases += [self.off[main][1]] if main in self.off else []
+        report.worst["off-script"] = [Offender(s, f"{part}{share:.0%} {script} letters (main: {main})")
+                                      for s, (part, script, share) in (cases[0].items(*cases[1:]) if cases else [])]
+        report.worst["longest"] = self.longest.items()
 
 
-def _count_turns(record: Conversation, report: InspectReport, systems: set[str]) -> None:
+def _count_turns(record: Conversation, report: InspectReport, systems: set[bytes]) -> None:
     roles = [m.role for m in record.messages]
     report.turns += len(roles)
     report.roles.update(roles)
@@ -284,30 +287,29 @@ def _count_turns(record: Conversation, report: InspectReport, systems: set[str])
     system = [m.content for m in record.messages if m.role == "system"]
     if system:
         report.system_prompts += 1
-        systems.add("\n".join(system))
+        systems.add(hashlib.blake2b("\n".join(system).encode(), digest_size=16).digest())
 
 
-def _tokens(records: list[Record], tokenizer: Any, max_length: int, strategy: str,
-            template_kwargs: dict | None, num_proc: int, progress: bool,
-            worst: dict[str, list[Offender]]) -> TokenStats:
-    """Render every record untruncated with the real renderer, then apply `max_length` exactly as
-    the renderer does (cut to max_length; dropped when no trained token is left)."""
+def _tokens(records: Iterator[Record], tokenizer: Any, max_length: int, strategy: str,
+            template_kwargs: dict | None, num_proc: int, worst: dict[str, list[Offender]]) -> TokenStats:
+    """Render every record untruncated with the real renderer, `CHUNK` records at a time, then apply
+    `max_length` exactly as the renderer does (cut to max_length; dropped when no trained token is left)."""
+    from sftkit.data.messages import Problems
     from sftkit.data.render import IGNORE_INDEX, Renderer
+    from sftkit.data.render_all import RenderReport, render_stream
 
     renderer = Renderer(tokenizer, strategy=strategy, template_kwargs=template_kwargs)
-    stats = TokenStats(max_length)
-    dropped: list[Offender] = []
-    sources: list[str] = []
-    for rendered in render_chunks(records, renderer, num_proc=num_proc, progress=progress):
-        stats.unrenderable.update(rendered.skipped)
-        stats.notes.update(rendered.warnings)
-        worst["unrenderable"] = (worst.get("unrenderable", []) + [
-            Offender(e.source, e.problem) for e in rendered.errors])[:WORST]
-        for example in rendered.examples:
+    rendered = RenderReport(examples=[], problems=Problems(skip=True, max_errors=WORST))
+    stats, dropped, longest, lowest = TokenStats(max_length), [], Worst(), Worst(largest=False)
+    chunks = iter(lambda: list(islice(records, CHUNK)), [])
+    for examples in render_stream(chunks, renderer, rendered, num_proc=num_proc):
+        worst["unrenderable"] = [Offender(e.source, e.problem) for e in rendered.errors]
+        for example in examples:
             n, trained = len(example.input_ids), example.num_trained
             stats.lengths.append(n)
             stats.trained.append(trained)
-            sources.append(example.source)
+            longest.add(n, Offender(example.source, f"{n} tokens"))
+            lowest.add(trained / n, Offender(example.source, f"{trained / n:.1%} of {n} tokens trained"))
             if n > max_length:
                 stats.truncated += 1
                 trained = sum(1 for label in example.labels[:max_length] if label != IGNORE_INDEX)
@@ -318,12 +320,10 @@ def _tokens(records: list[Record], tokenizer: Any, max_length: int, strategy: st
                     continue
             stats.kept_tokens += min(n, max_length)
             stats.kept_trained += trained
-    worst["longest"] = [Offender(s, f"{n} tokens") for n, s in heapq.nlargest(
-        WORST, zip(stats.lengths, sources), key=lambda x: x[0])]
-    worst[f"dropped at max_length {max_length}"] = dropped
-    lowest = heapq.nsmallest(WORST, zip((t / n for t, n in zip(stats.trained, stats.lengths)),
-                                        sources, stats.lengths), key=lambda x: x[0])
-    worst["lowest trained share"] = [Offender(s, f"{share:.1%} of {n} tokens trained") for share, s, n in lowest]
+    stats.unrenderable.update(rendered.skipped)
+    stats.notes.update(rendered.warnings)
+    worst["longest"], worst[f"dropped at max_length {max_length}"] = longest.items(), dropped
+    worst["lowest trained share"] = lowest.items()
     return stats
 
 
