@@ -177,3 +177,65 @@ def test_cache_command_lists_and_clears(tmp_path: Path, tokenizer, capsys: pytes
     assert main(["data", "cache", "clear", "--dir", str(tmp_path / "cache")]) == 0
     assert "cleared 2 stores" in capsys.readouterr().out
     assert store.list_cache(tmp_path / "cache") == []
+
+
+# -- temporary directories of killed renders --------------------------------------------------------------
+def _killed_render(*caches: Path) -> tuple[list[Path], int]:
+    """A real process that starts a render (a `Writer` per cache, one example added and flushed), is
+    SIGKILLed mid-way, and is reaped: (its temporary directories, its pid, now gone)."""
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import sys, time; from pathlib import Path; from sftkit.data import store; "
+            "from sftkit.data.render import Tokenized\n"
+            "for cache in sys.argv[1:]:\n"
+            "    w = store.Writer(Path(cache) / 'train-x'); w.add([Tokenized([1, 2, 3], [-100, 2, 3], 'a.jsonl:1')])\n"
+            "    [f.flush() for f in w._files]; print(w.tmp, flush=True)\n"
+            "time.sleep(600)\n")
+    child = subprocess.Popen([sys.executable, "-c", code, *map(str, caches)], stdout=subprocess.PIPE, text=True,
+                             cwd=Path(__file__).parent.parent)
+    try:
+        temps = [Path(child.stdout.readline().strip()) for _ in caches]
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        child.stdout.close()
+    assert child.returncode == -signal.SIGKILL
+    return temps, child.pid
+
+
+def test_a_killed_render_leaves_its_temporary_directory_and_the_next_writer_or_ls_removes_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from sftkit.cli import main
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    (left_a, left_b), pid = _killed_render(first, second)
+    for left, cache in ((left_a, first), (left_b, second)):
+        assert left.parent == cache and left.name.startswith(f".train-x.{store.HOST}.{pid}.")
+        assert sorted(f.name for f in left.iterdir()) == ["ids.bin", "sources.txt", "trained.bin"]
+        assert (left / "ids.bin").stat().st_size == 12  # the render had begun
+    live = first / f".train-y.{store.HOST}.{os.getpid()}.abcd1234"  # a render of this (live) process
+    elsewhere = first / f".train-z.another-host.{pid}.abcd1234"  # the same pid on another host: not ours to judge
+    unowned = first / ".train-w.k3j_x9ab"  # no owner in its name (an older sftkit's)
+    for kept in (live, elsewhere, unowned):
+        kept.mkdir()
+        (kept / "ids.bin").write_bytes(b"\0" * 2**20)
+
+    with store.Writer(first / "train-v") as writer:  # a new render removes the dead one's, and only it
+        assert writer.tmp.name.startswith(f".train-v.{store.HOST}.{os.getpid()}.") and writer.tmp.is_dir()
+        assert not left_a.exists() and live.is_dir() and elsewhere.is_dir() and unowned.is_dir()
+    assert not writer.tmp.exists()
+
+    assert left_b.is_dir()
+    assert main(["data", "cache", "ls", "--dir", str(second)]) == 0
+    assert not left_b.exists() and capsys.readouterr().out == f"0 stores, 0.0 MiB in {second}\n"
+
+    for action in ("ls", "clear"):  # the others are listed with their size, never removed
+        assert main(["data", "cache", action, "--dir", str(first)]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out[1:] == [f"left: {unowned.name}  1.0 MiB  a render's temporary directory (no owner in its name)",
+                           f"left: {live.name}  1.0 MiB  a render's temporary directory (pid {os.getpid()}, running)",
+                           f"left: {elsewhere.name}  1.0 MiB  a render's temporary directory "
+                           f"(host another-host, pid {pid})"]
+        assert live.is_dir() and elsewhere.is_dir() and unowned.is_dir()

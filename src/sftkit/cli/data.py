@@ -224,19 +224,21 @@ def _add_data_cache(sub: argparse._SubParsersAction) -> None:
 def _run_data_cache(args: argparse.Namespace) -> int:
     import shutil
 
-    from sftkit.data.store import cache_root, list_cache
+    from sftkit.data.store import cache_root, list_cache, sweep
 
     root = cache_root(args.dir)
     found = list_cache(root)
     if args.action == "clear":
         for directory, _, _ in found:
             shutil.rmtree(directory)
-        for partial in root.glob(".*") if root.is_dir() else []:  # killed renders' temporary directories
-            shutil.rmtree(partial, ignore_errors=True)
+    left = sweep(root)  # killed renders' temporary directories, where their process is gone
+    if args.action == "clear":
         print(f"cleared {len(found)} stores ({sum(size for *_, size in found) / 2**20:.1f} MiB) from {root}")
-        return 0
-    for directory, meta, size in found:
-        print(f"{directory.name}  {meta['examples']:>9,} examples  {meta['tokens']:>12,} tokens  "
-              f"{size / 2**20:>9.1f} MiB  {(meta.get('read_lines') or [''])[0][:80]}")
-    print(f"{len(found)} stores, {sum(size for *_, size in found) / 2**20:.1f} MiB in {root}")
+    else:
+        for directory, meta, size in found:
+            print(f"{directory.name}  {meta['examples']:>9,} examples  {meta['tokens']:>12,} tokens  "
+                  f"{size / 2**20:>9.1f} MiB  {(meta.get('read_lines') or [''])[0][:80]}")
+        print(f"{len(found)} stores, {sum(size for *_, size in found) / 2**20:.1f} MiB in {root}")
+    for directory, size, whose in left:
+        print(f"left: {directory.name}  {size / 2**20:.1f} MiB  a render's temporary directory ({whose})")
     return 0

@@ -13,7 +13,8 @@ Supported files, by suffix:
 
 * ``.jsonl``  one JSON object per line; empty lines are skipped; source ``path:LINE`` (1-based).
 * ``.json``   a top-level list of objects, or ONE object (one row); source ``path:#INDEX`` (0-based).
-* ``.parquet`` / ``.arrow`` (pyarrow; Arrow IPC file or stream)  source ``path:#INDEX``.
+* ``.parquet`` / ``.arrow`` (pyarrow; Arrow IPC file, memory-mapped, or stream)  source ``path:#INDEX``;
+  read 1024 rows at a time, so memory does not grow with the file.
 * ``.txt`` / ``.md``  plain text for pre-training, yielded as ``{"text": ...}`` rows.
   A ``.txt`` file holds one document, or several separated by lines that contain only ``---``;
   a ``.md`` file is always ONE document (in Markdown ``---`` is a rule or front matter).
@@ -47,6 +48,7 @@ SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow") + TEXT_SUFFIXES
 DOC_SEPARATOR = "---"
 STRUCTURED = (".jsonl", ".json", ".parquet", ".arrow")
 GLOB_CHARS = frozenset("*?[")
+BATCH_ROWS = 1024  # rows of a Parquet / Arrow file converted at a time
 
 
 def expand_paths(path: str | Path) -> list[Path]:
@@ -191,7 +193,7 @@ def _read_arrow(path: Path) -> Iterator[RowOrError]:
         if path.suffix.lower() == ".parquet":
             import pyarrow.parquet as pq
 
-            batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
+            batches = pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS)
         else:
             batches = _arrow_batches(path)
         index = 0
@@ -204,15 +206,37 @@ def _read_arrow(path: Path) -> Iterator[RowOrError]:
 
 
 def _arrow_batches(path: Path) -> Iterator[Any]:
+    """The record batches of an Arrow IPC file (memory-mapped, one batch at a time) or stream (what
+    `datasets` caches hold), none over `BATCH_ROWS` rows. The mapping is open only while the generator
+    runs: the consumer converts each batch (`to_pylist`) before it asks for the next."""
     import pyarrow as pa
 
-    with pa.OSFile(str(path)) as source:  # read into memory: no batch outlives a mapping
-        try:
-            table = pa.ipc.open_file(source).read_all()
-        except pa.ArrowInvalid:  # `datasets` caches are Arrow *streams*, not files
-            source.seek(0)
-            table = pa.ipc.open_stream(source).read_all()
-    yield from table.to_batches(max_chunksize=1024)
+    with pa.memory_map(str(path)) as source:
+        _, batches = _open_ipc(source)
+        for batch in batches:
+            for start in range(0, batch.num_rows, BATCH_ROWS):
+                yield batch.slice(start, BATCH_ROWS)
+
+
+def _open_ipc(source: Any) -> tuple[Any, Iterator[Any]]:
+    """(reader, its batches one at a time, each checked) of a mapped Arrow IPC file, or stream."""
+    import pyarrow as pa
+
+    try:
+        reader = pa.ipc.open_file(source)
+        batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+    except pa.ArrowInvalid:  # `datasets` caches are Arrow *streams*, not files
+        source.seek(0)
+        reader = pa.ipc.open_stream(source)
+        batches = iter(reader)
+    return reader, (_checked(batch) for batch in batches)
+
+
+def _checked(batch: Any) -> Any:
+    """`batch`, its offsets and UTF-8 checked (ArrowInvalid): a damaged offset in a mapped file points
+    past the mapping, and reading it would crash the process rather than raise."""
+    batch.validate(full=True)
+    return batch
 
 
 def _read_text(path: Path) -> Iterator[RowOrError]:
@@ -262,45 +286,95 @@ def _write_jsonl(path: Path, temp: Path, keep: Callable[[str], bool]) -> int:
 
 
 def _write_json(path: Path, temp: Path, keep: Callable[[str], bool]) -> int:
-    """Kept objects as a list (or the one object), with the input's indent and escaping."""
-    text = path.read_text(encoding="utf-8-sig")
-    rows = [row for source, row in read_rows(path) if keep(source)]
-    indent = re.search(r"\n([ \t]+)\S", text[:100_000])
-    document: Any = rows
-    if not text.lstrip().startswith("[") and len(rows) == 1:
-        document = rows[0]
-    dumped = json.dumps(document, indent=indent.group(1) if indent else None, ensure_ascii=text.isascii())
-    temp.write_text(dumped + ("\n" if text.endswith("\n") else ""), encoding="utf-8")
-    return len(rows)
+    """Kept objects as a list (or the one object), with the input's indent and escaping: the bytes
+    `json.dumps(kept, indent=..., ensure_ascii=...)` gives, written an object at a time."""
+    indent, ascii_only, listed, end = _json_layout(path)
+    kept = (row for source, row in read_rows(path) if keep(source))
+    with temp.open("w", encoding="utf-8") as target:
+        if not listed:  # ONE object: itself if kept, else an empty list
+            rows = list(kept)
+            target.write(json.dumps(rows[0] if len(rows) == 1 else rows, indent=indent,
+                                    ensure_ascii=ascii_only) + end)
+            return len(rows)
+        written = 0
+        for row in kept:
+            item = json.dumps(row, indent=indent, ensure_ascii=ascii_only)
+            if indent is None:
+                target.write(("[" if not written else ", ") + item)
+            else:  # one level deeper than on its own: every line of it indented once more
+                target.write(("[\n" if not written else ",\n") + indent + item.replace("\n", "\n" + indent))
+            written += 1
+        target.write(("[]" if not written else "]" if indent is None else "\n]") + end)
+    return written
+
+
+def _json_layout(path: Path) -> tuple[str | None, bool, bool, str]:
+    """(indent, ASCII only, a top-level list, final newline) of a .json file, read in chunks: the indent
+    of its first indented line within 100,000 characters; newlines read as `read_text` reads them."""
+    with path.open(encoding="utf-8-sig") as handle:
+        head = handle.read(100_000)
+        indent = re.search(r"\n([ \t]+)\S", head)
+        ascii_only, first, last = head.isascii(), head.lstrip()[:1], head[-1:]
+        for chunk in iter(lambda: handle.read(1 << 20), ""):
+            ascii_only = ascii_only and chunk.isascii()
+            first, last = first or chunk.lstrip()[:1], chunk[-1]
+    return indent.group(1) if indent else None, ascii_only, first == "[", "\n" if last == "\n" else ""
 
 
 def _write_table(path: Path, temp: Path, keep: Callable[[str], bool]) -> int:
-    """Parquet / Arrow: the same schema and metadata, rows filtered by a mask."""
+    """Parquet / Arrow: the same schema and metadata (Arrow: the same file or stream format), rows
+    filtered a batch at a time."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    mask = pa.array([keep(source) for source, _ in read_rows(path)], type=pa.bool_())
     if path.suffix.lower() == ".parquet":
-        table = pq.read_table(path).filter(mask)
-        pq.write_table(table, temp)
-        return table.num_rows
-    with pa.OSFile(str(path)) as source:
-        try:
-            reader, new = pa.ipc.open_file(source), pa.ipc.new_file
-        except pa.ArrowInvalid:
-            source.seek(0)
-            reader, new = pa.ipc.open_stream(source), pa.ipc.new_stream
-        table = reader.read_all().filter(mask)
-    with new(str(temp), table.schema) as writer:
-        writer.write_table(table)
-    return table.num_rows
+        parquet = pq.ParquetFile(path)
+        with pq.ParquetWriter(temp, parquet.schema_arrow) as writer:
+            return _write_kept(path, parquet.iter_batches(batch_size=BATCH_ROWS), keep, writer.write_table,
+                               group_bytes=64 << 20)  # a row group per batch would make thousands of tiny ones
+    with pa.memory_map(str(path)) as source:
+        reader, batches = _open_ipc(source)
+        new = pa.ipc.new_file if isinstance(reader, pa.ipc.RecordBatchFileReader) else pa.ipc.new_stream
+        with new(str(temp), reader.schema) as writer:
+            return _write_kept(path, batches, keep, writer.write_table, group_bytes=0)
+
+
+def _write_kept(path: Path, batches: Iterator[Any], keep: Callable[[str], bool], write: Callable[[Any], None],
+                group_bytes: int) -> int:
+    """Write the rows of `batches` whose source (`path:#INDEX`) `keep` accepts, `BATCH_ROWS` at a time,
+    gathered into tables of at least `group_bytes` (the last one less) before each `write`."""
+    import pyarrow as pa
+
+    index = written = size = 0
+    group: list[Any] = []
+    for batch in batches:
+        for start in range(0, batch.num_rows, BATCH_ROWS):
+            part = batch.slice(start, BATCH_ROWS)
+            mask = pa.array([keep(f"{path}:#{index + i}") for i in range(part.num_rows)], type=pa.bool_())
+            index += part.num_rows
+            kept = part.filter(mask)  # written before the mapping closes
+            if kept.num_rows:
+                group.append(kept)
+                written += kept.num_rows
+                size += kept.nbytes
+            if group and size >= group_bytes:
+                write(pa.Table.from_batches(group))
+                group, size = [], 0
+    if group:
+        write(pa.Table.from_batches(group))
+    return written
 
 
 def _write_text(path: Path, temp: Path, keep: Callable[[str], bool]) -> int:
-    """Plain-text documents: kept ones, separated by `---` lines in a .txt file."""
-    documents = [row["text"] for source, row in read_rows(path) if keep(source) and isinstance(row, dict)]
-    temp.write_text("\n\n---\n\n".join(documents) + ("\n" if documents else ""), encoding="utf-8")
-    return len(documents)
+    """Plain-text documents: kept ones, separated by `---` lines in a .txt file, written as they come."""
+    written = 0
+    with temp.open("w", encoding="utf-8") as target:
+        for source, row in read_rows(path):
+            if keep(source) and isinstance(row, dict):
+                target.write(("\n\n---\n\n" if written else "") + row["text"])
+                written += 1
+        target.write("\n" if written else "")
+    return written
 
 
 _WRITERS: dict[str, Callable[[Path, Path, Callable[[str], bool]], int]] = {

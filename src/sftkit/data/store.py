@@ -9,7 +9,9 @@ One split is a directory holding `ids.bin` (int32 token ids, all examples end to
 `sources.txt` (one `file:line` per example) and `meta.json` (what rendering counted, a few sample
 prompts, sizes). It is written as rendering goes (`Writer`: chunk by chunk, `sftkit.data.stream`)
 into a temporary directory, fsynced and renamed, so a killed render leaves no store; a store whose
-files do not match `meta.json` is treated as a miss and rewritten.
+files do not match `meta.json` is treated as a miss and rewritten. The temporary directory is named
+`.{store}.{host}.{pid}.XXXXXXXX`: a render killed with SIGKILL leaves it behind, and the next `Writer`
+or `sftkit data cache ls|clear` removes it once that process of this host is gone (`sweep`).
 
 The key is a hash of everything that changes the tokens: every data file's contents, the tokenizer
 (its full serialisation, added tokens and chat template), the whole data config but the keys that
@@ -27,7 +29,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from array import array
 from collections import Counter
@@ -45,6 +49,7 @@ from sftkit.data.render import IGNORE_INDEX, Tokenized
 RENDER_VERSION = 1
 NOT_TOKENS = ("num_proc", "fast_bpe", "cache", "cache_dir", "batching")  # data keys that never change a token
 FILES = ("ids.bin", "trained.bin", "offsets.npy", "sources.txt", "meta.json")
+HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:63] or "host"  # no dot: names split on dots
 
 
 def cache_root(cache_dir: str | None = None) -> Path:
@@ -144,7 +149,9 @@ def _mapped(path: Path, dtype: type) -> np.ndarray:
 class Writer:
     """A store written as examples come (chunk by chunk, so no point holds the whole split), into a
     temporary directory that only `commit` renames to `directory`. Leaving the `with` block without a
-    commit (an exception, a kill) removes it: a store that exists was written whole.
+    commit (an exception, a Ctrl-C) removes it: a store that exists was written whole. One killed outright
+    (SIGKILL, out of memory) leaves `.{name}.{host}.{pid}.XXXXXXXX`, which the next Writer beside it
+    removes (`sweep`) once that pid is gone.
 
         with Writer(directory) as writer:
             for chunk in chunks:
@@ -154,8 +161,9 @@ class Writer:
 
     def __init__(self, directory: Path) -> None:
         directory.parent.mkdir(parents=True, exist_ok=True)
+        sweep(directory.parent)  # what killed renders of this host left
         self.directory = directory
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.{HOST}.{os.getpid()}.", dir=directory.parent))
         self.lengths = array("q")  # 8 bytes per example: the offsets, written at commit
         self._files = [(self.tmp / name).open("wb") for name in ("ids.bin", "trained.bin", "sources.txt")]
 
@@ -228,3 +236,60 @@ def list_cache(root: Path) -> list[tuple[Path, dict[str, Any], int]]:
             size = sum(f.stat().st_size for f in directory.iterdir())
             found.append((directory, json.loads((directory / "meta.json").read_text()), size))
     return sorted(found, key=lambda item: item[0].stat().st_mtime, reverse=True)
+
+
+def sweep(root: Path) -> list[tuple[Path, int, str]]:
+    """Remove the temporary directories under `root` that renders of this host left when killed (their
+    pid is gone); the ones left, as (directory, bytes, whose): another host's (on a shared filesystem
+    its process may be running), a live process's, or one without an owner in its name."""
+    left = []
+    for path in sorted(root.iterdir()) if root.is_dir() else []:
+        if not path.name.startswith(".") or not path.is_dir():
+            continue
+        host, pid = _owner(path.name)
+        if host == HOST and not _alive(pid):
+            shutil.rmtree(path, ignore_errors=True)
+            if not path.exists():
+                continue
+            whose = f"pid {pid}, gone; could not be removed"
+        elif host == HOST:
+            whose = f"pid {pid}, running"
+        else:
+            whose = f"host {host}, pid {pid}" if host else "no owner in its name"
+        left.append((path, _size(path), whose))
+    return left
+
+
+def _size(directory: Path) -> int:
+    """Bytes of the files in `directory`, as far as they still exist (its render may finish meanwhile)."""
+    total = 0
+    try:
+        for file in directory.rglob("*"):
+            try:
+                total += file.stat().st_size if file.is_file() else 0
+            except OSError:
+                continue
+    except OSError:
+        pass
+    return total
+
+
+def _owner(name: str) -> tuple[str | None, int]:
+    """(host, pid) of a `Writer`'s temporary directory name `.{store}.{host}.{pid}.XXXXXXXX`, else (None, 0)."""
+    parts = name.rsplit(".", 3)
+    if len(parts) == 4 and parts[0] and parts[1] and parts[2].isdigit() and parts[2].isascii():
+        return parts[1], int(parts[2])
+    return None, 0
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` of this host exists (one of another user's counts)."""
+    if pid <= 0:  # 0 or -1 would name a group of processes
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
