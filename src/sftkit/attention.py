@@ -44,6 +44,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers
@@ -56,13 +57,16 @@ from transformers import (
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from sftkit.config import ConfigError
+from sftkit.data.batches import host
 
 NAME = "sftkit_documents"  # per-document attention for a model that uses sdpa
 EAGER = "sftkit_documents_eager"  # the same for a model that needs its own eager attention (sinks, soft-capping)
 MASK_IN_ATTENTION = ("doge",)  # attention layers that combine the mask with their own (Doge's dynamic mask)
 ATTENTION_LAYERS = ("full_attention", "sliding_attention", "attention", "global", "local", "sliding")
+_BOUNDS = WeakTensorKeyDictionary()  # document_mask -> its boundaries, known on the host when it was made
 
 
 def document_sdpa(
@@ -122,20 +126,35 @@ def document_eager(
     return torch.cat(outputs, dim=1), None
 
 
-def document_mask(document_ids: torch.Tensor) -> torch.Tensor:
+def document_mask(document_ids: torch.Tensor, device: torch.device | None = None,
+                  lengths: list[int] | None = None) -> torch.Tensor:
     """The "mask" that carries a packed batch's documents to `document_sdpa` / `document_eager`: (1, 1, 1, tokens)
     integers, one number per document of the rows flattened into one (padding included). transformers passes
-    a 4-D mask to every attention layer untouched, whatever else the model forwards or drops."""
-    lengths = torch.tensor(sequence_lengths(document_ids), device=document_ids.device)
-    return torch.repeat_interleave(torch.arange(len(lengths), device=document_ids.device), lengths)[None, None, None]
+    a 4-D mask to every attention layer untouched, whatever else the model forwards or drops.
+
+    Made on the host (`lengths`: `sequence_lengths(document_ids)`) and moved to `device` (default: that of
+    `document_ids`); its boundaries are remembered, so no attention layer reads them back from the mask."""
+    lengths = sequence_lengths(document_ids) if lengths is None else lengths
+    ids = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
+    mask = torch.from_numpy(ids)[None, None, None].to(device or document_ids.device, non_blocking=True)
+    _BOUNDS[mask] = [0, *itertools.accumulate(lengths)]
+    return mask
 
 
 def document_bounds(attention_mask: torch.Tensor | None) -> list[int] | None:
     """[0, end of document 1, ...] from a `document_mask`; None for any real mask (boolean or float)."""
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dtype != torch.long or attention_mask.ndim != 4:
         return None
-    ids = attention_mask.reshape(-1)
-    starts = torch.cat([ids.new_ones(1, dtype=torch.bool), ids[1:] != ids[:-1]]).nonzero().flatten().tolist()
+    return _mask_bounds(attention_mask)
+
+
+@torch.compiler.disable  # a dictionary look-up or a read of the mask's values: outside any compiled graph
+def _mask_bounds(attention_mask: torch.Tensor) -> list[int]:
+    known = _BOUNDS.get(attention_mask)
+    if known is not None:  # made by `document_mask`: nothing to read back
+        return known
+    ids = host(attention_mask).reshape(-1)
+    starts = np.flatnonzero(np.concatenate([[True], ids[1:] != ids[:-1]])).tolist()
     return [*starts, len(ids)]
 
 
@@ -200,7 +219,8 @@ AttentionInterface.register(EAGER, document_eager)
 AttentionMaskInterface.register(EAGER, eager_mask)
 
 
-def model_inputs(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+def model_inputs(model: PreTrainedModel, batch: dict[str, torch.Tensor],
+                 device: torch.device | None = None) -> dict[str, Any]:
     """Keyword arguments for the decoder: padded batches as they are, packed ones kept apart.
 
     Right-padded batches (sftkit's `collate`) need no padding mask: under causal attention no real
@@ -209,21 +229,33 @@ def model_inputs(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> dict
     per document and one of: document boundaries for `document_sdpa` and flash-attention (the rows
     flattened into one), or an explicit block-diagonal mask (boolean for sdpa, additive for eager).
     The cache is always off: a cache disables transformers' own packed-sequence handling.
+
+    The batch's structure (right-padded or not, document lengths and boundaries) is read on the host
+    (`sftkit.data.batches.host`): from a batch still on the CPU that reads no device, and only finished
+    tensors move to `device` (default: the batch's own), without blocking. The block masks are made
+    where the model runs, from the moved `document_ids`: computing them reads nothing back.
     """
-    inputs: dict[str, Any] = {"input_ids": batch["input_ids"], "use_cache": False}
+    device = device or batch["input_ids"].device
+
+    def moved(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(device, non_blocking=True)
+
+    inputs: dict[str, Any] = {"input_ids": moved(batch["input_ids"]), "use_cache": False}
     if "document_ids" not in batch:
-        mask = batch["attention_mask"]
-        if not bool((mask[:, :-1] >= mask[:, 1:]).all()):  # not right-padded: the mask is needed
-            inputs["attention_mask"] = mask
+        mask = host(batch["attention_mask"])
+        if not (mask[:, :-1] >= mask[:, 1:]).all():  # not right-padded: the mask is needed
+            inputs["attention_mask"] = moved(batch["attention_mask"])
         return inputs
     attention = getattr(model.config, "_attn_implementation", None) or "sdpa"
     if attention in (NAME, EAGER) or "flash" in attention:
-        bounds = [0, *itertools.accumulate(sequence_lengths(batch["document_ids"]))]
-        inputs.update(input_ids=batch["input_ids"].reshape(1, -1), position_ids=batch["position_ids"].reshape(1, -1))
+        lengths = sequence_lengths(batch["document_ids"])
+        bounds = [0, *itertools.accumulate(lengths)]
+        inputs.update(input_ids=inputs["input_ids"].reshape(1, -1),
+                      position_ids=moved(batch["position_ids"]).reshape(1, -1))
         if attention in (NAME, EAGER):
-            inputs["attention_mask"] = document_mask(batch["document_ids"])
+            inputs["attention_mask"] = document_mask(batch["document_ids"], device, lengths)
         else:  # flash-attention: its varlen kernel, with each layer's sliding window passed by transformers
-            cumulative = torch.tensor(bounds, dtype=torch.int32, device=batch["input_ids"].device)
+            cumulative = moved(torch.tensor(bounds, dtype=torch.int32))
             longest = max(b - a for a, b in itertools.pairwise(bounds))
             inputs.update(cu_seq_lens_q=cumulative, cu_seq_lens_k=cumulative, max_length_q=longest,
                           max_length_k=longest)
@@ -232,9 +264,9 @@ def model_inputs(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> dict
         raise ConfigError(f"model.attn_implementation: {attention!r} cannot keep packed documents apart; use sdpa, "
                           "eager or flash_attention_2 with data.packing / data.padding_free")
     dtype = model.dtype if attention == "eager" else None
-    masks = {kind: block_causal_mask(batch["document_ids"], dtype, window)
-             for kind, window in layer_windows(model).items()}
-    inputs.update(position_ids=batch["position_ids"], attention_mask=masks.get(None, masks))
+    document_ids = moved(batch["document_ids"])
+    masks = {kind: block_causal_mask(document_ids, dtype, window) for kind, window in layer_windows(model).items()}
+    inputs.update(position_ids=moved(batch["position_ids"]), attention_mask=masks.get(None, masks))
     return inputs
 
 
@@ -275,13 +307,14 @@ def block_causal_mask(document_ids: torch.Tensor, dtype: torch.dtype | None = No
 
 
 def sequence_lengths(document_ids: torch.Tensor) -> list[int]:
-    """Lengths of the runs of equal document ids along the flattened rows (documents and padding)."""
-    flat = document_ids.flatten()
-    row_starts = torch.zeros_like(flat, dtype=torch.bool)
-    row_starts[:: document_ids.shape[1]] = True
-    starts = row_starts | torch.cat([flat.new_ones(1, dtype=torch.bool), flat[1:] != flat[:-1]])
-    bounds = torch.cat([starts.nonzero().flatten(), flat.new_tensor([flat.numel()])])
-    return bounds.diff().tolist()
+    """Lengths of the runs of equal document ids along the flattened rows (documents and padding), read on the
+    host (`sftkit.data.batches.host`: no device sync for a CPU batch)."""
+    ids = host(document_ids)
+    flat = ids.reshape(-1)
+    starts = np.zeros(flat.size, dtype=bool)
+    starts[:: ids.shape[1]] = True  # every row starts a run
+    starts[1:] |= flat[1:] != flat[:-1]
+    return np.diff(np.append(np.flatnonzero(starts), flat.size)).tolist()
 
 
 

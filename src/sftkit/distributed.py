@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from sftkit.config import Config, ConfigError, TrainConfig
-from sftkit.loss import token_loss_sum
+from sftkit.loss import LossBatch, token_loss_sum
 from sftkit.model import TORCH_DTYPES, resolve_device
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -82,8 +82,8 @@ class TokenLoss(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch: dict[str, torch.Tensor], parts: dict[str, float] | None = None) -> torch.Tensor:
-        return token_loss_sum(self.model, batch, parts=parts)
+    def forward(self, batch: LossBatch, parts: dict[str, Any] | None = None) -> torch.Tensor:
+        return token_loss_sum(self.model, batch, parts=parts, read_back=False)
 
 
 def state_options(**kwargs: Any) -> Any:
@@ -114,9 +114,9 @@ class Local:
     def wrap(self, model: nn.Module, config: Config) -> None:
         """DDP or FSDP around the model (in place for FSDP); nothing in one process."""
 
-    def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor],
-                 parts: dict[str, float] | None = None) -> torch.Tensor:
-        return token_loss_sum(model, batch, parts=parts)
+    def loss_sum(self, model: nn.Module, batch: LossBatch, parts: dict[str, Any] | None = None) -> torch.Tensor:
+        """The micro-batch's loss sum (`sftkit.loss.token_loss_sum`); `parts` get tensors, read back by the caller."""
+        return token_loss_sum(model, batch, parts=parts, read_back=False)
 
     def accumulating(self, last: bool) -> contextlib.AbstractContextManager[None]:
         """Around one micro-batch's forward and backward: gradients are reduced after the last one only."""
@@ -213,8 +213,7 @@ class Distributed(Local):
             self.module(_warm_up_batch(self.device))
         self.module.reshard()  # the root keeps its weights gathered after a forward: the optimizer wants the shards
 
-    def loss_sum(self, model: nn.Module, batch: dict[str, torch.Tensor],
-                 parts: dict[str, float] | None = None) -> torch.Tensor:
+    def loss_sum(self, model: nn.Module, batch: LossBatch, parts: dict[str, Any] | None = None) -> torch.Tensor:
         assert self.module is not None, "wrap() the model first"
         return self.module(batch, parts)
 

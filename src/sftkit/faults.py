@@ -222,11 +222,18 @@ def gradient_norm(parameters: Any, max_norm: float | None) -> float:
     Without `max_norm` the gradients are multiplied by exactly 1.0 (unchanged), so the norm is
     measured the same way in both cases.
     """
+    return float(gradient_norm_tensor(parameters, max_norm))
+
+
+def gradient_norm_tensor(parameters: Any, max_norm: float | None) -> torch.Tensor:
+    """`gradient_norm` as a 0-d tensor where the gradients are, not read back: the training step reads it
+    with the loss, in its one read-back (a float here would wait for the whole backward pass)."""
     grads = [p for p in parameters if p.grad is not None]
     if not grads:
-        return 0.0
+        return torch.zeros(())
     limit = float("inf") if max_norm is None else max_norm
-    return float(torch.nn.utils.clip_grad_norm_(grads, limit))
+    norm = torch.nn.utils.clip_grad_norm_(grads, limit)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: the DTensor's global value
 
 
 def _describe(loss: float, grad_norm: float) -> str | None:

@@ -28,14 +28,17 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel, modeling_utils
 
 from sftkit.attention import model_inputs
+from sftkit.data.batches import host
 from sftkit.data.render import IGNORE_INDEX
 
 CHUNK_ELEMENTS = 2**25  # fp32 logits per chunk: 128 MB (4,096 rows of an 8k vocabulary, 220 of Qwen's 152k)
@@ -43,42 +46,80 @@ LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier
                     "logits_scaling")
 
 
-def token_loss_sum(model: PreTrainedModel, batch: dict[str, torch.Tensor], chunk: int | None = None,
-                   parts: dict[str, float] | None = None) -> torch.Tensor:
+@dataclass
+class LossBatch:
+    """One micro-batch as the loss needs it: its structure read on the host, its tensors on the model's device.
+
+    `index` lists the flattened positions (row x length + column) whose prediction is trained, in row
+    order, and `targets` the tokens they predict: gathering those rows of the hidden states is an
+    `index_select` whose length the host knows (`n_trained`), where a boolean mask would make the device
+    count its True elements and the host wait for that count (a sync, at every micro-batch).
+    """
+
+    inputs: dict[str, Any]  # the decoder's keyword arguments (`sftkit.attention.model_inputs`)
+    trained: torch.Tensor  # (rows, length) bool: positions whose prediction is trained
+    index: torch.Tensor  # (n_trained,) int64: those positions, flattened
+    targets: torch.Tensor  # (n_trained,) the tokens they predict
+    n_trained: int
+    on_host: np.ndarray  # `trained` as the host made it
+
+
+def loss_batch(model: PreTrainedModel, batch: dict[str, torch.Tensor], device: torch.device | None = None
+               ) -> LossBatch:
+    """`batch` (collate's tensors, best still on the CPU) ready for `token_loss_sum` on `device` (default: the
+    model's). Everything is computed on the host first; finished tensors move without blocking."""
+    device = device or _base(model).device
+    labels = host(batch["labels"])
+    trained = np.zeros(labels.shape, dtype=bool)
+    trained[:, :-1] = labels[:, 1:] != IGNORE_INDEX  # position t predicts the token at t + 1
+    index = np.flatnonzero(trained)
+    moved = [_to(a, device) for a in (trained, index, labels.reshape(-1)[index + 1])]
+    return LossBatch(model_inputs(model, batch, device), *moved, n_trained=len(index), on_host=trained)
+
+
+def _to(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on `device`, without waiting (integers as int64, the type indices and targets take)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64 if array.dtype.kind in "iu" else None))
+    return tensor.to(device, non_blocking=True)
+
+
+def token_loss_sum(model: PreTrainedModel, batch: dict[str, torch.Tensor] | LossBatch, chunk: int | None = None,
+                   parts: dict[str, Any] | None = None, read_back: bool = True) -> torch.Tensor:
     """Sum of next-token cross-entropies over the trained positions (labels != -100 after the shift).
 
     A mixture-of-experts model that defines a router load-balancing loss (`router_loss`) adds it the way
     transformers does (`loss += router_aux_loss_coef * aux_loss`), per trained token so that it survives the
     division by the window's trained tokens: the sum gets `coef * aux * n_trained`. Only in training (train
     mode, gradients on): evaluation and perplexity stay plain cross-entropy. `parts`, when given, receives
-    "cross_entropy" (the sum without it) and, when the router loss was added, "router_loss" (aux, unscaled).
+    "cross_entropy" (the sum without it) and, when the router loss was added, "router_loss" (aux, unscaled):
+    floats, or with `read_back=False` detached 0-d tensors that the caller reads when it likes (the
+    training step reads everything once per optimizer step: a float here would wait for the forward).
+    `batch`: collate's tensors, or a `LossBatch` made from them before they moved (`loss_batch`).
     """
-    labels = batch["labels"][:, 1:]  # position t predicts the token at t + 1
-    trained = F.pad(labels != IGNORE_INDEX, (0, 1))  # (batch, length): positions whose prediction is trained
-    targets = labels[labels != IGNORE_INDEX]
-    inputs = model_inputs(model, batch)
-    if not len(targets):  # an idle batch (torchrun: a rank's empty share of a short last micro-batch)
+    prepared = batch if isinstance(batch, LossBatch) else loss_batch(model, batch)
+    inputs = dict(prepared.inputs)
+    if not prepared.n_trained:  # an idle batch (torchrun: a rank's empty share of a short last micro-batch)
         return idle_loss(model, inputs)
     router = router_loss_function(model) if model.training and torch.is_grad_enabled() else None  # eval: plain CE
     if router is not None:
         inputs["output_router_logits"] = True
     kind = head_kind(model)
     if kind == "model":
-        outputs = _model_outputs(model, inputs, trained)
-        loss = F.cross_entropy(outputs.logits.float(), targets, reduction="sum")
+        outputs = _model_outputs(model, inputs, prepared)
+        loss = F.cross_entropy(outputs.logits.float(), prepared.targets, reduction="sum")
     else:
         base = _base(model)
         outputs = base.base_model(**inputs)
         hidden = outputs.last_hidden_state
-        hidden = hidden.reshape(trained.shape + hidden.shape[-1:])[trained]  # flattened rows come back as one
-        loss = _head_loss(base, hidden, targets, kind, chunk)
+        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, prepared.index)  # flattened rows: the same
+        loss = _head_loss(base, hidden, prepared.targets, kind, chunk)
     if parts is not None:
-        parts["cross_entropy"] = float(loss.detach())
+        parts["cross_entropy"] = float(loss.detach()) if read_back else loss.detach()
     if router is not None and getattr(outputs, "router_logits", None) is not None:
-        aux, coef = router(outputs.router_logits, trained.reshape(inputs["input_ids"].shape))
-        loss = loss + coef * aux * len(targets)
+        aux, coef = router(outputs.router_logits, prepared.trained.reshape(inputs["input_ids"].shape))
+        loss = loss + coef * aux * prepared.n_trained
         if parts is not None:
-            parts["router_loss"] = float(aux.detach())
+            parts["router_loss"] = float(aux.detach()) if read_back else aux.detach()
     return loss
 
 
@@ -208,20 +249,28 @@ def _module_cross_entropy(head: torch.nn.Module, hidden: torch.Tensor, targets: 
     return total
 
 
-def _model_outputs(model: PreTrainedModel, inputs: dict[str, Any], trained: torch.Tensor) -> Any:
+def _model_outputs(model: PreTrainedModel, inputs: dict[str, Any], batch: LossBatch) -> Any:
     """The model's own forward (its own logit transform applies), `.logits` those of the trained positions."""
-    trained = trained.reshape(inputs["input_ids"].shape)  # document attention: the rows flattened into one
     keeps = _logits_to_keep_kind(model)
-    if keeps == "mask":  # transformers 5: logits of the True positions only, flattened in row order
-        return model(**inputs, logits_to_keep=trained)
-    if keeps == "positions":  # older: the same positions for every row
-        columns = trained.any(dim=0).nonzero().squeeze(1)
-        outputs = model(**inputs, logits_to_keep=columns)
-        outputs.logits = outputs.logits[trained[:, columns]]
+    device = batch.index.device
+    if keeps == "none":
+        outputs = model(**inputs)
+        outputs.logits = _rows(outputs.logits).index_select(0, batch.index)
         return outputs
-    outputs = model(**inputs)
-    outputs.logits = outputs.logits[trained]
+    if inputs["input_ids"].shape[0] == 1:  # padding-free, or rows flattened for document attention: the trained
+        outputs = model(**inputs, logits_to_keep=batch.index)  # positions as indices, as every version takes them
+        outputs.logits = _rows(outputs.logits)
+        return outputs
+    if keeps == "mask":  # transformers 5, padded rows: logits of the True positions only, flattened in row order
+        return model(**inputs, logits_to_keep=batch.trained)  # (transformers indexes with the mask: a sync)
+    columns = np.flatnonzero(batch.on_host.any(axis=0))  # older: the same positions for every row
+    outputs = model(**inputs, logits_to_keep=_to(columns, device))
+    outputs.logits = _rows(outputs.logits).index_select(0, _to(np.flatnonzero(batch.on_host[:, columns]), device))
     return outputs
+
+
+def _rows(logits: torch.Tensor) -> torch.Tensor:
+    return logits.reshape(-1, logits.shape[-1])
 
 
 def _logits_to_keep_kind(model: torch.nn.Module) -> str:

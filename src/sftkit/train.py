@@ -31,13 +31,14 @@ from transformers import (
 from sftkit import checkpoint, distributed, faults, rundir
 from sftkit.attention import check_batching, use_document_attention
 from sftkit.config import CONFIG_FILE, Config, TrainConfig
-from sftkit.data.batches import Batcher, trained_token_count
+from sftkit.data.batches import Batcher, input_token_count, trained_token_count
 from sftkit.data.load import Split, dated_template_note, load_data
 from sftkit.data.templates import end_of_turn_token_ids, pad_token_id
 from sftkit.evaluate.monitor import Monitor
 from sftkit.evaluate.perplexity import eval_loss
 from sftkit.generate import generate_reply
 from sftkit.lora import check_quantization, setup_lora_model
+from sftkit.loss import loss_batch
 from sftkit.model import load_model, load_prepared_tokenizer
 from sftkit.runlog import RunLog, end_summary, peak_memory_gb, summary
 from sftkit.report import write_report
@@ -100,34 +101,71 @@ def setup_optimizer(model: torch.nn.Module, train: TrainConfig, total_steps: int
     return optimizer, get_cosine_schedule_with_warmup(optimizer, train.warmup_steps(total_steps), total_steps)
 
 
-def backward_window(model: PreTrainedModel, batches: list[dict[str, torch.Tensor]],
-                    dist: distributed.Local = distributed.LOCAL, sums: dict[str, float] | None = None
-                    ) -> tuple[float, int]:
-    """Accumulate the gradient of (sum of token losses / trained tokens) over a whole window.
+@dataclass
+class WindowLoss:
+    """The loss sums of one window's backward pass, left on the device until the step reads them, once."""
+
+    cross_entropy: torch.Tensor  # 0-d: this rank's cross-entropy sum (float64, as Python floats summed it)
+    router: torch.Tensor | None  # 0-d: its router load-balancing loss x trained tokens; None without one
+    n_trained: int  # trained tokens of the whole window, over all ranks (counted on the host)
+
+    def read_back(self, *more: torch.Tensor) -> list[float]:
+        """[cross-entropy sum, router sum (0.0 without one), *more] as floats: ONE host-device sync."""
+        router = self.router if self.router is not None else torch.zeros_like(self.cross_entropy)
+        like = {"device": self.cross_entropy.device, "dtype": self.cross_entropy.dtype, "non_blocking": True}
+        return torch.stack([self.cross_entropy, router, *(t.to(**like) for t in more)]).tolist()
+
+
+def backward_pass(model: PreTrainedModel, batches: list[dict[str, torch.Tensor]],
+                  dist: distributed.Local = distributed.LOCAL) -> WindowLoss:
+    """Accumulate the gradient of (sum of token losses / trained tokens) over a whole window, without one sync.
 
     Every micro-batch divides by the window's trained-token count, not its own, so any split of
     the window into micro-batches gives the same gradient. Under torchrun `batches` are this rank's
-    part of the window and the count is over all ranks. Returns (cross-entropy sum, trained tokens)
-    of the whole window; `sums["router_loss"]` gets an MoE router's load-balancing loss times the
-    trained tokens (it is in the gradient, not in the returned sum: sftkit.loss).
+    part of the window and the count is over all ranks. Everything the host must know about a batch
+    (its trained tokens, their positions, the document boundaries) is read from the batch while it is
+    on the CPU (`sftkit.loss.loss_batch`), so the host queues the forward and backward passes of every
+    micro-batch without waiting for the device; the sums stay there (`WindowLoss.read_back`).
     """
     n_trained = dist.all_sum([sum(trained_token_count(b) for b in batches)])[0]
-    total, router = 0.0, 0.0
+    device = dist.device if dist.launched else model.device  # FSDP's CPU offload: the ranks' GPU all the same
+    dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+    total, router = torch.zeros((), dtype=dtype, device=device), None
     for i, batch in enumerate(batches):
-        parts: dict[str, float] = {}
+        parts: dict[str, torch.Tensor] = {}
+        prepared = loss_batch(model, batch, device)
         with dist.accumulating(last=i == len(batches) - 1):  # DDP / FSDP reduce gradients after the last only
-            loss_sum = dist.loss_sum(model, {k: v.to(model.device, non_blocking=True) for k, v in batch.items()},
-                                     parts)
+            loss_sum = dist.loss_sum(model, prepared, parts)
             loss = loss_sum / max(n_trained, 1)
             if dist.world > 1:  # DDP and FSDP average the ranks' gradients; the window's mean is their sum
                 loss = loss * dist.world
             loss.backward()
-        total += parts.get("cross_entropy", loss_sum.item())
-        router += parts.get("router_loss", 0.0) * trained_token_count(batch)
-    total, router = dist.all_sum([total, router])
+        total += parts.get("cross_entropy", loss_sum.detach())
+        if "router_loss" in parts:
+            router = (0.0 if router is None else router) + parts["router_loss"].to(dtype) * prepared.n_trained
+    return WindowLoss(total, router, n_trained)
+
+
+def finish_window(window: WindowLoss, dist: distributed.Local = distributed.LOCAL,
+                  sums: dict[str, float] | None = None, grad_norm: torch.Tensor | None = None, n_inputs: int = 0
+                  ) -> tuple[float, float, int]:
+    """(cross-entropy sum, gradient norm, input tokens) of a window, over all ranks: its one read-back (with
+    the gradient norm when given) and, under torchrun, one all-reduce of the floats read. `sums["router_loss"]`
+    gets an MoE router's load-balancing loss times the trained tokens (in the gradient, not in the sum)."""
+    total, router, *norm = window.read_back(*([] if grad_norm is None else [grad_norm]))
+    total, router, n_inputs = dist.all_sum([total, router, n_inputs])
     if sums is not None and router:
         sums["router_loss"] = sums.get("router_loss", 0.0) + router
-    return total, n_trained
+    return total, norm[0] if norm else 0.0, n_inputs
+
+
+def backward_window(model: PreTrainedModel, batches: list[dict[str, torch.Tensor]],
+                    dist: distributed.Local = distributed.LOCAL, sums: dict[str, float] | None = None
+                    ) -> tuple[float, int]:
+    """`backward_pass` read back at once: (cross-entropy sum, trained tokens) of the whole window, over all ranks;
+    `sums` as `finish_window`. The loop reads the sums with the gradient norm instead, in one sync."""
+    window = backward_pass(model, batches, dist)
+    return finish_window(window, dist, sums)[0], window.n_trained
 
 
 @dataclass
@@ -228,16 +266,18 @@ def loop(run: Run, stop: faults.StopSignals) -> Path:
     while state.step < run.total:
         # one optimizer step = one window of grad_accum micro-batches, loss averaged over its trained tokens
         epoch, batches, sources = run.batcher.batches(state.step, dist.rank, dist.world)  # this rank's part
-        loss_sum, n_trained = backward_window(model, batches, dist, state.sums)
-        grad_norm = faults.gradient_norm(model.parameters(), tc.max_grad_norm)  # clips when max_grad_norm is set
+        window = backward_pass(model, batches, dist)  # queued without waiting for the device
+        grad_norm = faults.gradient_norm_tensor(model.parameters(), tc.max_grad_norm)  # clips at max_grad_norm
+        loss_sum, grad_norm, n_inputs = finish_window(window, dist, state.sums, grad_norm,  # the step's one sync
+                                                      sum(input_token_count(b) for b in batches))
+        n_trained = window.n_trained
         if run.guard.check(state.step + 1, loss_sum, grad_norm, sources, run.last_saved, run.config.output_dir):
             run.optimizer.step()
         else:  # train.on_nan=skip: the batch trains nothing; the schedule and the data order go on
             loss_sum, n_trained = 0.0, 0
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
-        state.add(loss_sum, n_trained, dist.all_sum([sum(int(b["attention_mask"].sum()) for b in batches)])[0],
-                  grad_norm)
+        state.add(loss_sum, n_trained, n_inputs, grad_norm)
         bar.update(1)
 
         evaluating = tc.evaluates_at(state.step, run.per_epoch, run.total)

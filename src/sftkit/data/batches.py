@@ -102,7 +102,19 @@ def collate(examples: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
 
 def trained_token_count(batch: dict[str, torch.Tensor]) -> int:
     """Tokens that carry loss: labels != -100 after the one-position shift (position 0 never does)."""
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    return int(np.count_nonzero(host(batch["labels"])[:, 1:] != IGNORE_INDEX))
+
+
+def input_token_count(batch: dict[str, torch.Tensor]) -> int:
+    """Real (non-padding) tokens: the 1s of the attention mask."""
+    return int(np.count_nonzero(host(batch["attention_mask"])))
+
+
+def host(tensor: torch.Tensor) -> np.ndarray:
+    """A batch tensor's values for the host to read: a view of a CPU tensor through numpy, which runs no torch
+    operator (`.item()` / `int()` on a tensor do, and on a GPU each waits for every queued kernel). A tensor
+    elsewhere is copied to the host first, a sync: the training step reads its batches before they move."""
+    return (tensor if tensor.device.type == "cpu" else tensor.cpu()).numpy()
 
 
 class Batcher:
@@ -217,6 +229,6 @@ def collate_documents(rows: Sequence[Sequence[Tokenized]], pad_id: int) -> dict[
         batch["input_ids"][r, :used] = torch.tensor(joined.input_ids, dtype=torch.long)
         batch["labels"][r, :used] = torch.tensor(joined.labels, dtype=torch.long)
         batch["position_ids"][r] = torch.tensor(position_ids(lengths + [width - used]), dtype=torch.long)
-        batch["document_ids"][r, :used] = torch.repeat_interleave(torch.arange(len(row)), torch.tensor(lengths))
+        batch["document_ids"][r, :used] = torch.from_numpy(np.repeat(np.arange(len(row), dtype=np.int64), lengths))
         batch["attention_mask"][r, :used] = 1
     return batch
