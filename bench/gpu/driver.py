@@ -172,7 +172,8 @@ def main() -> None:
                   "--examples", str(plan["examples"]), "--steps", "3", "--rows", "30"],
                  args.out / "profile.txt", args.timeout)
     summary.append(f"== where one sftkit step's time goes ({models[0]}) ==\n" + "\n".join(
-        line for line in output.splitlines() if re.search(r"\s[0-9.]+ s\s+[0-9.]+%$", line) or " steps, " in line))
+        line for line in output.splitlines() if re.search(r"\s[0-9.]+ s\s+[0-9.]+%$", line) or " steps, " in line
+        or "per optimizer step" in line))  # host syncs and operators per step (the launch-bound suspects)
     output = run([sys.executable, str(BENCH / "loss_memory.py"), "--device", plan["device"], "--dtype", plan["dtype"],
                   *plan["loss"]], args.out / "loss_memory.txt", args.timeout)
     summary.append("== loss alone ==\n" + output.strip())
