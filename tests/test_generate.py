@@ -143,7 +143,16 @@ class Terminal(io.StringIO):
 
 def test_ctrl_c_during_a_reply_stops_it_and_keeps_the_session(tiny_dir: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # Python's own Ctrl-C handler, as in a terminal: a run started in the background (`make test &`, nohup)
+    # inherits SIGINT ignored, and the Terminal's SIGINT would then do nothing
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _ctrl_c_during_a_reply(tiny_dir, monkeypatch)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _ctrl_c_during_a_reply(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     terminal = Terminal()
     monkeypatch.setattr(sys, "stdout", terminal)
     stdin = io.StringIO("Tell me a long story\nHi\n")
