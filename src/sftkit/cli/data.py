@@ -227,12 +227,11 @@ def _run_data_cache(args: argparse.Namespace) -> int:
     from sftkit.data.store import cache_root, list_cache, sweep
 
     root = cache_root(args.dir)
+    left = sweep(root)  # killed renders' temporary directories, where their process is gone
     found = list_cache(root)
     if args.action == "clear":
         for directory, _, _ in found:
             shutil.rmtree(directory)
-    left = sweep(root)  # killed renders' temporary directories, where their process is gone
-    if args.action == "clear":
         print(f"cleared {len(found)} stores ({sum(size for *_, size in found) / 2**20:.1f} MiB) from {root}")
     else:
         for directory, meta, size in found:

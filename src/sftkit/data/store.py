@@ -10,8 +10,9 @@ One split is a directory holding `ids.bin` (int32 token ids, all examples end to
 prompts, sizes). It is written as rendering goes (`Writer`: chunk by chunk, `sftkit.data.stream`)
 into a temporary directory, fsynced and renamed, so a killed render leaves no store; a store whose
 files do not match `meta.json` is treated as a miss and rewritten. The temporary directory is named
-`.{store}.{host}.{pid}.XXXXXXXX`: a render killed with SIGKILL leaves it behind, and the next `Writer`
-or `sftkit data cache ls|clear` removes it once that process of this host is gone (`sweep`).
+`.{store}.{host}.{pid}.{random suffix}` (tempfile.mkdtemp's): a render killed with SIGKILL leaves it
+behind, and the next `Writer` or `sftkit data cache ls|clear` removes it once that process of this host
+is gone (`sweep`).
 
 The key is a hash of everything that changes the tokens: every data file's contents, the tokenizer
 (its full serialisation, added tokens and chat template), the whole data config but the keys that
@@ -150,7 +151,7 @@ class Writer:
     """A store written as examples come (chunk by chunk, so no point holds the whole split), into a
     temporary directory that only `commit` renames to `directory`. Leaving the `with` block without a
     commit (an exception, a Ctrl-C) removes it: a store that exists was written whole. One killed outright
-    (SIGKILL, out of memory) leaves `.{name}.{host}.{pid}.XXXXXXXX`, which the next Writer beside it
+    (SIGKILL, out of memory) leaves `.{name}.{host}.{pid}.{random suffix}`, which the next Writer beside it
     removes (`sweep`) once that pid is gone.
 
         with Writer(directory) as writer:
@@ -233,8 +234,7 @@ def list_cache(root: Path) -> list[tuple[Path, dict[str, Any], int]]:
     found = []
     for directory in root.glob("*") if root.is_dir() else []:
         if (directory / "meta.json").is_file() and not directory.name.startswith("."):
-            size = sum(f.stat().st_size for f in directory.iterdir())
-            found.append((directory, json.loads((directory / "meta.json").read_text()), size))
+            found.append((directory, json.loads((directory / "meta.json").read_text()), _size(directory)))
     return sorted(found, key=lambda item: item[0].stat().st_mtime, reverse=True)
 
 
@@ -275,7 +275,7 @@ def _size(directory: Path) -> int:
 
 
 def _owner(name: str) -> tuple[str | None, int]:
-    """(host, pid) of a `Writer`'s temporary directory name `.{store}.{host}.{pid}.XXXXXXXX`, else (None, 0)."""
+    """(host, pid) of a `Writer`'s temporary directory name `.{store}.{host}.{pid}.{random suffix}`, else (None, 0)."""
     parts = name.rsplit(".", 3)
     if len(parts) == 4 and parts[0] and parts[1] and parts[2].isdigit() and parts[2].isascii():
         return parts[1], int(parts[2])
